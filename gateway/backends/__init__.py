@@ -1,0 +1,1 @@
+"""Clients for the servers infergate forwards to."""

@@ -1,0 +1,48 @@
+"""`infergate serve | check-config`: argument parsing only; the work lives in the rooms."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gateway import __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="infergate", description="A fast gateway in front of Triton Inference Server.")
+    parser.add_argument("--version", action="version", version=f"infergate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", default="configs/gateway.yaml", help="gateway.yaml (it names the routing file)")
+    serve.add_argument("--workers", type=int, help="override the config's worker count")
+    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set by the supervisor
+    check = sub.add_parser("check-config", help="validate config files without starting; exit 0 or list errors")
+    check.add_argument("--config", default="configs/gateway.yaml")
+    args = parser.parse_args(argv)
+
+    from gateway import config
+
+    try:
+        loaded = config.load(args.config)
+    except config.ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    if args.command == "check-config":
+        print(f"{loaded.gateway_path}: ok ({len(loaded.gateway.backends)} backends)\n"
+              f"{loaded.routing_path}: ok ({len(loaded.routing.models)} models)")
+        return 0
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    workers = args.workers or loaded.gateway.workers
+    if workers > 1 and not args.worker:
+        from gateway.supervisor import supervise
+
+        return supervise(sys.argv[1:] if argv is None else argv, workers)
+
+    import uvloop
+
+    from gateway.worker import serve as run
+
+    uvloop.run(run(loaded, reuse_port=args.worker))
+    return 0

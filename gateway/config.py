@@ -1,0 +1,239 @@
+"""Typed configuration for gateway.yaml and routing.yaml; every error names file, line and reason.
+
+YAML is parsed with PyYAML's composer so each value keeps its line; pydantic checks types and
+rejects unknown keys; cross-file references (a route naming a backend) are checked last.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Type, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Loc = tuple[str | int, ...]
+M = TypeVar("M", bound=BaseModel)
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+# ---------------------------------------------------------------- gateway.yaml
+
+
+class Listener(Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(ge=0, le=65535)
+
+
+class Listeners(Strict):
+    http: Listener = Listener(port=9000)
+    grpc: Listener = Listener(port=9001)
+    admin: Listener = Listener(port=9002)
+
+
+class Backend(Strict):
+    """One Triton server, reached over gRPC."""
+
+    url: str = Field(description="host:port of Triton's gRPC endpoint")
+    transport: Literal["unary", "stream"] = "unary"
+    channels: int = Field(default=1, ge=1, le=64)
+    streams: int = Field(default=2, ge=1, le=64)
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    keepalive_s: float = Field(default=30.0, gt=0)
+    health_interval_s: float = Field(default=2.0, gt=0)
+    metadata_ttl_s: float = Field(default=30.0, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"expected host:port, got {v!r}")
+        return v
+
+
+class GatewayConfig(Strict):
+    listeners: Listeners = Listeners()
+    workers: int = Field(default=1, ge=1, le=64)
+    drain_timeout_s: float = Field(default=10.0, ge=0)
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    routing_file: str = "routing.yaml"
+    backends: dict[str, Backend] = Field(min_length=1)
+
+
+# ---------------------------------------------------------------- routing.yaml
+
+
+class Target(Strict):
+    """Where a public model is served: a backend, the model's name there and an optional version."""
+
+    backend: str
+    model: str = Field(min_length=1)
+    version: str = ""
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return str(v)
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _version_digits(cls, v: str) -> str:
+        if v and not v.isdigit():
+            raise ValueError(f"version must be a positive integer, got {v!r}")
+        return v
+
+
+class Route(Strict):
+    target: Target
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
+class RoutingConfig(Strict):
+    models: dict[str, Route] = Field(min_length=1)
+
+
+# ---------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+class ConfigError(Exception):
+    """One or more problems in config files; str() lists them as file:line: reason."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Both files, validated, with where they came from."""
+
+    gateway: GatewayConfig
+    routing: RoutingConfig
+    gateway_path: Path
+    routing_path: Path
+
+
+class _Document:
+    """A YAML file's plain data plus the line of every value and key, by path."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.file = str(path)
+        self.lines: dict[Loc, int] = {}
+        self.problems: list[Problem] = []
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            line = mark.line + 1 if mark else 1
+            reason = " ".join(x for x in (e.context, e.problem) if x)
+            raise ConfigError([Problem(self.file, line, f"YAML syntax: {reason}")]) from None
+        except yaml.YAMLError as e:
+            raise ConfigError([Problem(self.file, 1, f"YAML: {e}")]) from None
+        self.data = {} if node is None else self._build(node, ())
+        if self.problems:
+            raise ConfigError(self.problems)
+
+    def _build(self, node: yaml.Node, loc: Loc) -> Any:
+        self.lines[loc] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = self._build(key_node, loc + ("<key>",))
+                if key in out:
+                    self.problems.append(Problem(self.file, key_node.start_mark.line + 1,
+                                                 f"{_dotted(loc + (key,))}: duplicate key {key!r}"))
+                self.lines[loc + (key, "<key>")] = key_node.start_mark.line + 1
+                out[key] = self._build(value_node, loc + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self._build(item, loc + (i,)) for i, item in enumerate(node.value)]
+        return _SCALARS.construct_object(node)  # int, float, bool, str, null by YAML 1.1 rules
+
+    def line(self, loc: Loc, key: bool = False) -> int:
+        """Line of the deepest known part of loc (the key itself for unknown-key errors)."""
+        if key and loc + ("<key>",) in self.lines:
+            return self.lines[loc + ("<key>",)]
+        for end in range(len(loc), -1, -1):
+            if loc[:end] in self.lines:
+                return self.lines[loc[:end]]
+        return 1
+
+    def parse(self, model: Type[M]) -> M:
+        try:
+            return model.model_validate(self.data)
+        except ValidationError as e:
+            raise ConfigError([self._problem(err) for err in e.errors()]) from None
+
+    def _problem(self, err: Any) -> Problem:
+        loc = tuple(err["loc"])
+        if err["type"] == "extra_forbidden":
+            return Problem(self.file, self.line(loc, key=True), f"{_dotted(loc)}: unknown key")
+        if err["type"] == "missing":
+            return Problem(self.file, self.line(loc[:-1]), f"{_dotted(loc)}: required key is missing")
+        msg = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        shown = "" if isinstance(value, (dict, list)) or repr(value) in msg else f" (got {value!r})"
+        return Problem(self.file, self.line(loc), f"{_dotted(loc)}: {msg}{shown}")
+
+
+_SCALARS = yaml.SafeLoader("")
+
+
+def _dotted(loc: Loc) -> str:
+    return ".".join(str(p) for p in loc) or "<document>"
+
+
+def _read(path: Path) -> _Document:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([Problem(str(path), 0, f"cannot read: {e.strerror}")]) from None
+    return _Document(path, text)
+
+
+def load(gateway_path: str | Path) -> Loaded:
+    """Read, validate and cross-check gateway.yaml and the routing file it names."""
+    gateway_path = Path(gateway_path)
+    gateway_doc = _read(gateway_path)
+    gateway = gateway_doc.parse(GatewayConfig)
+    routing_path = (gateway_path.parent / gateway.routing_file).resolve()
+    if not routing_path.is_file():
+        line = gateway_doc.line(("routing_file",))
+        raise ConfigError([Problem(gateway_doc.file, line, f"routing_file: no such file {str(routing_path)!r}")])
+    routing = load_routing(routing_path, gateway)
+    return Loaded(gateway, routing, gateway_path, routing_path)
+
+
+def load_routing(path: Path, gateway: GatewayConfig) -> RoutingConfig:
+    """Validate a routing file against the backends the gateway config declares."""
+    doc = _read(path)
+    routing = doc.parse(RoutingConfig)
+    problems = [
+        Problem(doc.file, doc.line(("models", name, "target", "backend")),
+                f"models.{name}.target.backend: unknown backend {route.target.backend!r} "
+                f"(gateway config declares: {', '.join(sorted(gateway.backends))})")
+        for name, route in routing.models.items()
+        if route.target.backend not in gateway.backends
+    ]
+    if problems:
+        raise ConfigError(problems)
+    return routing

@@ -1,0 +1,1 @@
+"""Protocol adapters: decode a request into a dataplane Call, encode the answer, map errors."""

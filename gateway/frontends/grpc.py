@@ -1,0 +1,153 @@
+"""inference.GRPCInferenceService as Triton serves it, over grpc.aio.
+
+ModelInfer and ModelStreamInfer take and return bytes (no deserialiser in grpc), so tensors are
+never re-encoded; only the few header fields the dataplane needs are read.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from gateway import __version__
+from gateway.dataplane import Call, DataPlane
+from gateway.errors import GatewayError, InvalidArgument
+from gateway.protocol.wire import SERVICE, pb, stream_error, stream_response
+
+log = logging.getLogger(__name__)
+
+# Triton extensions that hold through the gateway (shared memory and tracing control do not).
+EXTENSIONS = ("classification", "sequence", "model_configuration", "binary_tensor_data", "parameters", "statistics")
+
+
+class GrpcFrontend:
+    """The servicer; `handler()` is what a grpc.aio server registers."""
+
+    def __init__(self, dataplane: DataPlane, is_ready: Callable[[], bool]) -> None:
+        self.dataplane = dataplane
+        self.is_ready = is_ready
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def unary(fn: Callable[..., Awaitable[Any]], request_type: type, response_type: type) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                _guarded(fn), request_deserializer=request_type.FromString, response_serializer=response_type.SerializeToString)
+
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(_guarded(self.model_infer)),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.model_stream_infer),
+            "ServerLive": unary(self.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
+            "ServerReady": unary(self.server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
+            "ModelReady": unary(self.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
+            "ServerMetadata": unary(self.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+            "ModelMetadata": unary(self.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+            "ModelConfig": unary(self.model_config, pb.ModelConfigRequest, pb.ModelConfigResponse),
+            "ModelStatistics": unary(self.model_statistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
+            "RepositoryIndex": unary(self.repository_index, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+        })
+
+    async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        request = _parse(raw)
+        return await self.dataplane.infer(
+            Call(request.model_name, request.model_version, raw, "grpc", context.time_remaining()))
+
+    async def model_stream_infer(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """Each request on the stream runs concurrently; answers go back as they finish, errors
+        as in-stream error messages carrying the request id, as Triton does."""
+        answers: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def one(raw: bytes) -> None:
+            request_id = ""
+            try:
+                request = _parse(raw)
+                request_id = request.id
+                call = Call(request.model_name, request.model_version, raw, "grpc", context.time_remaining())
+                answers.put_nowait(stream_response(await self.dataplane.infer(call)))
+            except GatewayError as e:
+                answers.put_nowait(stream_error(e.message, request_id))
+            except Exception:  # noqa: BLE001 - one bad request must not end the stream
+                log.exception("stream request failed")
+                answers.put_nowait(stream_error("internal gateway error", request_id))
+
+        async def read_all() -> None:
+            pending: set[asyncio.Task[None]] = set()
+            try:
+                async for raw in requests:
+                    task = asyncio.create_task(one(raw))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                if pending:
+                    await asyncio.wait(pending)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:
+            reader.cancel()
+
+    async def server_live(self, request: Any, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(self, request: Any, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.is_ready())
+
+    async def model_ready(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=await self.dataplane.model_ready(request.name, request.version))
+
+    async def server_metadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="infergate", version=__version__, extensions=EXTENSIONS)
+
+    async def model_metadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        return await self.dataplane.model_metadata(request.name, request.version)
+
+    async def model_config(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        return await self.dataplane.model_config(request.name, request.version)
+
+    async def model_statistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        return await self.dataplane.model_statistics(request.name, request.version)
+
+    async def repository_index(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        return await self.dataplane.repository_index(request.ready)
+
+
+def _parse(raw: bytes) -> pb.ModelInferRequest:
+    try:
+        return pb.ModelInferRequest.FromString(raw)
+    except DecodeError as e:
+        raise InvalidArgument(f"malformed ModelInferRequest: {e}") from None
+
+
+def _guarded(fn: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Answer a GatewayError with its own code and message; anything else is INTERNAL, logged."""
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(request, context)
+        except GatewayError as e:
+            await context.abort(e.code, e.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s", getattr(fn, "__name__", fn))
+            await context.abort(grpc.StatusCode.INTERNAL, "internal gateway error")
+
+    return handle
+
+
+def server(frontend: GrpcFrontend, host: str, port: int, max_message_bytes: int, reuse_port: bool) -> grpc.aio.Server:
+    """A grpc.aio server bound to host:port serving the frontend."""
+    srv = grpc.aio.server(options=[
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ])
+    srv.add_generic_rpc_handlers((frontend.handler(),))
+    if srv.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"cannot bind gRPC listener to {host}:{port}")
+    return srv

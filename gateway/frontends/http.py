@@ -1,0 +1,113 @@
+"""The v2 REST protocol over aiohttp: health, metadata, config, statistics, index and infer
+(JSON tensors and Triton's binary tensor extension). Errors answer {"error": message} with the
+HTTP status the gRPC code maps to in gateway.errors."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from gateway import __version__
+from gateway.dataplane import Call, DataPlane
+from gateway.errors import GatewayError
+from gateway.frontends.grpc import EXTENSIONS
+from gateway.protocol import http_codec
+from gateway.protocol.messages import to_json
+from gateway.protocol.wire import pb
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as e:
+        return _json({"error": e.message}, e.http_status)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return _json({"error": "internal gateway error"}, 500)
+
+
+class HttpFrontend:
+    """Route handlers over the shared dataplane."""
+
+    def __init__(self, dataplane: DataPlane, is_ready: Callable[[], bool]) -> None:
+        self.dataplane = dataplane
+        self.is_ready = is_ready
+
+    def app(self, max_message_bytes: int) -> web.Application:
+        app = web.Application(client_max_size=max_message_bytes, middlewares=[_errors])
+        model = "/v2/models/{model}"
+        versioned = "/v2/models/{model}/versions/{version}"
+        app.router.add_get("/v2/health/live", self.live)
+        app.router.add_get("/v2/health/ready", self.ready)
+        app.router.add_get("/v2", self.server_metadata)
+        app.router.add_get("/v2/models/stats", self.statistics)
+        app.router.add_post("/v2/repository/index", self.repository_index)
+        for prefix in (model, versioned):
+            app.router.add_get(prefix, self.model_metadata)
+            app.router.add_get(prefix + "/ready", self.model_ready)
+            app.router.add_get(prefix + "/config", self.model_config)
+            app.router.add_get(prefix + "/stats", self.statistics)
+            app.router.add_post(prefix + "/infer", self.infer)
+        return app
+
+    async def infer(self, request: web.Request) -> web.Response:
+        model, version = request.match_info["model"], request.match_info.get("version", "")
+        body = await request.read()
+        infer_request, plan = http_codec.decode_request(
+            body, request.headers.get(http_codec.HEADER_LENGTH), model, version)
+        raw = await self.dataplane.infer(Call(model, version, infer_request.SerializeToString(), "http"))
+        out, header_length = http_codec.encode_response(pb.ModelInferResponse.FromString(raw), plan)
+        if header_length is None:
+            response = web.Response(body=out, content_type="application/json")
+        else:
+            response = web.Response(body=out, content_type="application/octet-stream",
+                                    headers={http_codec.HEADER_LENGTH: str(header_length)})
+        if request.headers.get("Accept-Encoding"):
+            response.enable_compression()
+        return response
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.is_ready() else 400)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return _json({"name": "infergate", "version": __version__, "extensions": list(EXTENSIONS)})
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        return _json(to_json(await self.dataplane.model_metadata(m["model"], m.get("version", ""))))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        return web.Response(status=200 if await self.dataplane.model_ready(m["model"], m.get("version", "")) else 400)
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        return _json(to_json((await self.dataplane.model_config(m["model"], m.get("version", ""))).config))
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        return _json(to_json(await self.dataplane.model_statistics(m.get("model", ""), m.get("version", ""))))
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            ready_only = bool(orjson.loads(body).get("ready", False)) if body else False
+        except (orjson.JSONDecodeError, AttributeError):
+            return _json({"error": "failed to parse the request JSON buffer"}, 400)
+        return _json(to_json(await self.dataplane.repository_index(ready_only))["models"])

@@ -1,0 +1,169 @@
+"""The v2 REST infer body, JSON or with Triton's binary tensor extension, to and from protobuf.
+
+Binary extension: the body is a JSON header of `Inference-Header-Content-Length` bytes followed
+by the tensors' raw bytes, in the order of the inputs (or outputs) that carry a
+`binary_data_size` parameter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.errors import InvalidArgument
+from gateway.protocol.tensors import json_to_raw, raw_to_json
+from gateway.protocol.wire import pb
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+_JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+
+
+@dataclass(frozen=True, slots=True)
+class OutputPlan:
+    """Which outputs the caller wants as binary blobs instead of JSON data."""
+
+    binary_all: bool
+    binary: frozenset[str]
+
+    def is_binary(self, name: str) -> bool:
+        return self.binary_all or name in self.binary
+
+
+def decode_request(body: bytes, header_length: str | None, model: str, version: str) -> tuple[pb.ModelInferRequest, OutputPlan]:
+    """Parse an HTTP infer body into a ModelInferRequest plus how outputs are to be encoded."""
+    header, blobs = _split(body, header_length)
+    try:
+        doc = orjson.loads(header)
+    except orjson.JSONDecodeError as e:
+        raise InvalidArgument(f"failed to parse the request JSON buffer: {e}") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument("failed to parse the request JSON buffer: expected a JSON object")
+
+    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    if "id" in doc:
+        request.id = str(doc["id"])
+    params = _object(doc.get("parameters", {}), "parameters")
+    binary_all = bool(params.pop("binary_data_output", False))
+    _set_params(request.parameters, params)
+
+    offset = 0
+    for item in _list(doc.get("inputs"), "inputs", required=True):
+        item = _object(item, "inputs[]")
+        name = _text(item, "name", "input")
+        tensor = request.inputs.add(name=name, datatype=_text(item, "datatype", f"input '{name}'"))
+        tensor.shape.extend(_shape(item.get("shape"), name))
+        item_params = _object(item.get("parameters", {}), f"parameters of input '{name}'")
+        size = item_params.pop("binary_data_size", None)
+        _set_params(tensor.parameters, item_params)
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(blobs):
+                raise InvalidArgument(f"binary_data_size of input '{name}' is {size!r} but only "
+                                      f"{len(blobs) - offset} bytes of binary data remain")
+            request.raw_input_contents.append(bytes(blobs[offset:offset + size]))
+            offset += size
+        elif "data" in item:
+            request.raw_input_contents.append(json_to_raw(tensor.datatype, item["data"], name))
+        elif "shared_memory_region" not in item_params:
+            raise InvalidArgument(f"input '{name}' has neither 'data' nor 'binary_data_size'")
+    if offset != len(blobs):
+        raise InvalidArgument(f"{len(blobs) - offset} bytes of binary data follow the inputs unclaimed")
+
+    binary: set[str] = set()
+    for item in _list(doc.get("outputs", []), "outputs"):
+        item = _object(item, "outputs[]")
+        name = _text(item, "name", "output")
+        out_params = _object(item.get("parameters", {}), f"parameters of output '{name}'")
+        if out_params.pop("binary_data", binary_all):
+            binary.add(name)
+        _set_params(request.outputs.add(name=name).parameters, out_params)
+    return request, OutputPlan(binary_all and not doc.get("outputs"), frozenset(binary))
+
+
+def encode_response(response: pb.ModelInferResponse, plan: OutputPlan) -> tuple[bytes, int | None]:
+    """The HTTP body for a ModelInferResponse, and the JSON header's length if blobs follow."""
+    doc: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id:
+        doc["id"] = response.id
+    if response.parameters:
+        doc["parameters"] = {k: _param_value(v) for k, v in response.parameters.items()}
+    outputs, blobs = [], []
+    for i, tensor in enumerate(response.outputs):
+        raw = response.raw_output_contents[i] if i < len(response.raw_output_contents) else b""
+        out: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        params = {k: _param_value(v) for k, v in tensor.parameters.items()}
+        if plan.is_binary(tensor.name):
+            params["binary_data_size"] = len(raw)
+            blobs.append(raw)
+        else:
+            out["data"] = raw_to_json(tensor.datatype, raw)
+        if params:
+            out["parameters"] = params
+        outputs.append(out)
+    doc["outputs"] = outputs
+    header = orjson.dumps(doc, option=_JSON_OPTS)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        n = int(header_length)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= len(body):
+        raise InvalidArgument(f"{HEADER_LENGTH} is {header_length!r}, body has {len(body)} bytes")
+    view = memoryview(body)
+    return bytes(view[:n]), view[n:]
+
+
+def _set_params(target: Any, params: dict[str, Any]) -> None:
+    for key, value in params.items():
+        p = target[key]
+        if isinstance(value, bool):
+            p.bool_param = value
+        elif isinstance(value, int):
+            p.int64_param = value
+        elif isinstance(value, float):
+            p.double_param = value
+        elif isinstance(value, str):
+            p.string_param = value
+        else:
+            raise InvalidArgument(f"parameter '{key}' must be a bool, number or string")
+
+
+def _param_value(p: pb.InferParameter) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"'{what}' must be a JSON object")
+    return dict(value)
+
+
+def _list(value: Any, what: str, required: bool = False) -> list[Any]:
+    if value is None and required:
+        raise InvalidArgument(f"request has no '{what}'")
+    if not isinstance(value, list):
+        raise InvalidArgument(f"'{what}' must be a JSON array")
+    return value
+
+
+def _text(item: dict[str, Any], key: str, what: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{what} needs a string '{key}'")
+    return value
+
+
+def _shape(value: Any, name: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+        raise InvalidArgument(f"shape of input '{name}' must be an array of integers")
+    if any(d < 0 or d > 2**62 for d in value):
+        raise InvalidArgument(f"shape of input '{name}' has a negative or huge dimension: {value}")
+    return value

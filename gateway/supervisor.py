@@ -1,0 +1,56 @@
+"""Runs N worker processes sharing the listening ports (SO_REUSEPORT) and forwards stop signals.
+
+Workers are fresh interpreters (not forks): gRPC's core does not survive fork. A worker that dies
+on its own is restarted after a second; SIGTERM/SIGINT go to every worker, which drain and exit.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+log = logging.getLogger(__name__)
+
+
+def supervise(argv: list[str], workers: int) -> int:
+    metrics_dir = tempfile.mkdtemp(prefix="infergate-metrics-")
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
+    command = [sys.executable, "-m", "gateway", *argv, "--worker"]
+    stopping = False
+
+    def spawn() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(command, env=env)
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    procs = [spawn() for _ in range(workers)]
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("supervising %d workers: %s", workers, " ".join(str(p.pid) for p in procs))
+    try:
+        while True:
+            alive = 0
+            for i, p in enumerate(procs):
+                if p.poll() is None:
+                    alive += 1
+                elif not stopping:
+                    log.warning("worker %d exited with %s; restarting", p.pid, p.returncode)
+                    time.sleep(1.0)
+                    procs[i] = spawn()
+                    alive += 1
+            if stopping and alive == 0:
+                break
+            time.sleep(0.2)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return max((p.returncode or 0) for p in procs)

@@ -28,6 +28,7 @@ class Call:
 
     model: str
     version: str
+    request_id: str                     # the client's own id ("" if none): answers carry it back
     raw: bytes                          # the serialized ModelInferRequest, forwarded as is
     protocol: str                       # "grpc" or "http": a metric label
     time_remaining: float | None = None  # the client's deadline, seconds from now
@@ -50,7 +51,7 @@ class DataPlane:
             route = self.routes.resolve(call.model)
             model = route.public
             payload = call.raw + route.request_suffix(call.version)
-            response = await route.backend.infer(payload, _timeout(route, call.time_remaining))
+            response = await route.backend.infer(payload, _timeout(route, call.time_remaining), call.request_id)
             return response + route.response_suffix
         except GatewayError as e:
             code = e.code.name

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import grpc
 
+from gateway.backends.streams import StreamPool
 from gateway.config import Backend as BackendConfig
 from gateway.errors import BackendError, DeadlineExceeded, Unavailable
 from gateway.protocol.wire import SERVICE, pb, pb_grpc
@@ -39,12 +40,19 @@ class TritonBackend:
         self._channels = [grpc.aio.insecure_channel(config.url, options=options) for _ in range(config.channels)]
         infers = [ch.unary_unary(_INFER, request_serializer=None, response_deserializer=None) for ch in self._channels]
         self._next_infer: Callable[[], Any] = itertools.cycle(infers).__next__
+        self._streams = StreamPool(self._channels, config.streams, self._unary) if config.transport == "stream" else None
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channels[0])
         self._cache: dict[tuple[str, str, str], tuple[float, Any]] = {}
         self._prober: asyncio.Task[None] | None = None
 
-    async def infer(self, payload: bytes, timeout: float) -> bytes:
-        """Send one serialized ModelInferRequest; return the serialized ModelInferResponse."""
+    async def infer(self, payload: bytes, timeout: float, request_id: str) -> bytes:
+        """Send one serialized ModelInferRequest; return the serialized ModelInferResponse.
+        request_id is the id the caller sent, which the answer must carry."""
+        if self._streams is not None:
+            return await self._streams.infer(payload, timeout, request_id)
+        return await self._unary(payload, timeout)
+
+    async def _unary(self, payload: bytes, timeout: float) -> bytes:
         try:
             return await self._next_infer()(payload, timeout=timeout)
         except grpc.aio.AioRpcError as e:
@@ -94,6 +102,8 @@ class TritonBackend:
     async def close(self) -> None:
         if self._prober is not None:
             self._prober.cancel()
+        if self._streams is not None:
+            await self._streams.close()
         for channel in self._channels:
             await channel.close()
 

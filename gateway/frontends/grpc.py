@@ -51,7 +51,7 @@ class GrpcFrontend:
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         request = _parse(raw)
         return await self.dataplane.infer(
-            Call(request.model_name, request.model_version, raw, "grpc", context.time_remaining()))
+            Call(request.model_name, request.model_version, request.id, raw, "grpc", context.time_remaining()))
 
     async def model_stream_infer(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """Each request on the stream runs concurrently; answers go back as they finish, errors
@@ -63,7 +63,7 @@ class GrpcFrontend:
             try:
                 request = _parse(raw)
                 request_id = request.id
-                call = Call(request.model_name, request.model_version, raw, "grpc", context.time_remaining())
+                call = Call(request.model_name, request.model_version, request_id, raw, "grpc", context.time_remaining())
                 answers.put_nowait(stream_response(await self.dataplane.infer(call)))
             except GatewayError as e:
                 answers.put_nowait(stream_error(e.message, request_id))

@@ -68,7 +68,7 @@ class HttpFrontend:
         body = await request.read()
         infer_request, plan = http_codec.decode_request(
             body, request.headers.get(http_codec.HEADER_LENGTH), model, version)
-        raw = await self.dataplane.infer(Call(model, version, infer_request.SerializeToString(), "http"))
+        raw = await self.dataplane.infer(Call(model, version, infer_request.id, infer_request.SerializeToString(), "http"))
         out, header_length = http_codec.encode_response(pb.ModelInferResponse.FromString(raw), plan)
         if header_length is None:
             response = web.Response(body=out, content_type="application/json")

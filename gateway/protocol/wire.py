@@ -12,7 +12,7 @@ from __future__ import annotations
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-__all__ = ["pb", "pb_grpc", "SERVICE", "override", "stream_response", "stream_error"]
+__all__ = ["pb", "pb_grpc", "SERVICE", "override", "varint", "stream_response", "stream_error"]
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -24,7 +24,8 @@ def override(message_type: type, **fields: str) -> bytes:
     return message_type(**{k: v for k, v in fields.items() if v}).SerializeToString()
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """Protobuf's base-128 varint encoding of a non-negative integer."""
     out = bytearray()
     while n > 0x7F:
         out.append(n & 0x7F | 0x80)
@@ -35,7 +36,7 @@ def _varint(n: int) -> bytes:
 
 def stream_response(infer_response: bytes) -> bytes:
     """A serialized ModelStreamInferResponse wrapping an already serialized ModelInferResponse."""
-    return _INFER_RESPONSE_TAG + _varint(len(infer_response)) + infer_response
+    return _INFER_RESPONSE_TAG + varint(len(infer_response)) + infer_response
 
 
 def stream_error(message: str, request_id: str) -> bytes:

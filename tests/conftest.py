@@ -1,0 +1,148 @@
+"""Shared fixtures: a real Triton on CPU (started by the project's own script) and gateways
+started as real processes (`python -m gateway serve`) on free ports."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TRITON_SCRIPT = ROOT / "scripts" / "triton-cpu.sh"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except Exception:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@dataclass
+class Triton:
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+
+@pytest.fixture(scope="session")
+def triton() -> Iterator[Triton]:
+    """A real Triton Inference Server on CPU with the example models, on free ports."""
+    t = Triton(free_port(), free_port(), free_port())
+    env = dict(os.environ, TRITON_HTTP_PORT=str(t.http_port), TRITON_GRPC_PORT=str(t.grpc_port),
+               TRITON_METRICS_PORT=str(t.metrics_port))
+    subprocess.run([str(TRITON_SCRIPT), "start"], env=env, check=True, timeout=600)
+    try:
+        yield t
+    finally:
+        subprocess.run([str(TRITON_SCRIPT), "stop"], env=env, check=False, timeout=60)
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    admin_port: int
+    config_path: Path
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+DEFAULT_ROUTES = {
+    "double": {"target": {"backend": "triton", "model": "double"}},
+    "classifier": {"target": {"backend": "triton", "model": "classifier", "version": 2}},
+    "classifier-v1": {"target": {"backend": "triton", "model": "classifier", "version": 1}},
+    "slow": {"target": {"backend": "triton", "model": "slow"}},
+}
+
+class Launcher:
+    """Starts `infergate serve` processes with generated configs and stops them all on close()."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.started: list[Gateway] = []
+
+    def start(self, backend_url: str, routes: dict | None = None, wait_ready: bool = True, **overrides: object) -> Gateway:
+        http, grpc_, admin = free_port(), free_port(), free_port()
+        backend = {"url": backend_url, **overrides.pop("backend", {})}  # type: ignore[dict-item]
+        config = {
+            "listeners": {"http": {"host": "127.0.0.1", "port": http}, "grpc": {"host": "127.0.0.1", "port": grpc_},
+                          "admin": {"host": "127.0.0.1", "port": admin}},
+            "backends": {"triton": backend},
+            "routing_file": "routing.yaml",
+            **overrides,
+        }
+        directory = self.directory / f"gw{len(self.started)}"
+        directory.mkdir(parents=True)
+        (directory / "gateway.yaml").write_text(yaml.safe_dump(config))
+        (directory / "routing.yaml").write_text(yaml.safe_dump({"models": routes or DEFAULT_ROUTES}))
+        with open(directory / "gateway.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(directory / "gateway.yaml")],
+                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        gw = Gateway(proc, http, grpc_, admin, directory / "gateway.yaml")
+        self.started.append(gw)
+        wait_http(f"http://127.0.0.1:{admin}/{'ready' if wait_ready else 'live'}", proc=proc)
+        return gw
+
+    def close(self) -> None:
+        for gw in self.started:
+            if gw.proc.poll() is None:
+                gw.proc.kill()
+                gw.proc.wait(10)
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    """Start gateways for one test; all are killed at teardown if still running."""
+    launcher = Launcher(tmp_path)
+    yield launcher.start
+    launcher.close()
+
+
+@pytest.fixture(scope="module")
+def module_launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    """A launcher whose gateways live for a whole test module."""
+    launcher = Launcher(tmp_path_factory.mktemp("gateways"))
+    yield launcher
+    launcher.close()

@@ -34,9 +34,13 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 TRITON_SH = REPO / "scripts" / "triton-cpu.sh"
-TRITON_PIDFILE = Path(os.environ.get("TRITON_HOME", REPO / ".triton")) / "tritonserver-8000.pid"
-TRITON_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
-TRITON_METRICS = "http://127.0.0.1:8002/metrics"
+# The same environment as scripts/triton-cpu.sh, so a Triton it starts elsewhere can be benched.
+_TRITON_ENV = {k: os.environ.get(f"TRITON_{k}", d) for k, d in
+               (("ADDRESS", "127.0.0.1"), ("HTTP_PORT", "8000"), ("GRPC_PORT", "8001"), ("METRICS_PORT", "8002"))}
+TRITON_PIDFILE = Path(os.environ.get("TRITON_HOME", REPO / ".triton")) / f"tritonserver-{_TRITON_ENV['HTTP_PORT']}.pid"
+TRITON_URLS = {"grpc": f"{_TRITON_ENV['ADDRESS']}:{_TRITON_ENV['GRPC_PORT']}",
+               "http": f"{_TRITON_ENV['ADDRESS']}:{_TRITON_ENV['HTTP_PORT']}"}
+TRITON_METRICS = f"http://{_TRITON_ENV['ADDRESS']}:{_TRITON_ENV['METRICS_PORT']}/metrics"
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
 MODEL = "double"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -251,6 +255,8 @@ def start_gateway(stack: contextlib.ExitStack, run_dir: Path, base: Path, name: 
     http, grpc, admin = free_ports(3)
     cfg["listeners"] = {"http": {"host": "127.0.0.1", "port": http}, "grpc": {"host": "127.0.0.1", "port": grpc},
                         "admin": {"host": "127.0.0.1", "port": admin}}
+    for backend in cfg["backends"].values():
+        backend["url"] = TRITON_URLS["grpc"]  # the Triton whose CPU and request count are measured
     for key, value in overrides.items():
         if key in cfg and not isinstance(cfg[key], dict):
             cfg[key] = value
@@ -435,7 +441,7 @@ def run_header(args: argparse.Namespace, targets: list[Target], started: datetim
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown CPU")
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = [f"## {started:%Y-%m-%d %H:%M} UTC · {len(os.sched_getaffinity(0))} × {model} · "
              f"git {git or '?'}{' (uncommitted changes)' if dirty else ''} · load avg {load}",
@@ -450,16 +456,18 @@ def run_header(args: argparse.Namespace, targets: list[Target], started: datetim
 
 
 @contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit so every registered cleanup runs."""
-    def handler(signum: int, frame: object) -> None:
+def interruptible() -> Iterator[None]:
+    """SIGTERM becomes SystemExit and SIGINT KeyboardInterrupt (even if the shell ignored it for a
+    background job), so every registered cleanup runs."""
+    def exit_on_term(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, exit_on_term), signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True)
     cases = [Case(p, s, c) for p in args.protocols for s in args.payloads for c in args.concurrency]
     measurements: list[Measurement] = []
-    with sigterm_as_exit(), contextlib.ExitStack() as stack:
+    with interruptible(), contextlib.ExitStack() as stack:
         triton_pid = ensure_triton(stack)
         targets = [Target("direct", dict(TRITON_URLS), description="Triton")]
         targets += [start_gateway(stack, run_dir, args.config, name, overrides) for name, overrides in args.variant]
@@ -517,3 +525,6 @@ if __name__ == "__main__":
         sys.exit(main())
     except BenchError as e:
         sys.exit(f"bench: {e}")
+    except KeyboardInterrupt:
+        print("bench: interrupted; stopped everything it started", file=sys.stderr)
+        sys.exit(130)

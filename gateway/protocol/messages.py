@@ -18,7 +18,7 @@ def to_json(message: Message) -> dict[str, Any]:
         if _is_map(field):
             value_field = field.message_type.fields_by_name["value"]
             out[field.name] = {str(k): _scalar(value_field, v) for k, v in value.items()}
-        elif field.label == FieldDescriptor.LABEL_REPEATED:
+        elif field.is_repeated:
             out[field.name] = [_scalar(field, v) for v in value]
         else:
             out[field.name] = _scalar(field, value)
@@ -26,7 +26,7 @@ def to_json(message: Message) -> dict[str, Any]:
 
 
 def _has_presence(field: FieldDescriptor) -> bool:
-    singular_message = field.type == FieldDescriptor.TYPE_MESSAGE and field.label != FieldDescriptor.LABEL_REPEATED
+    singular_message = field.type == FieldDescriptor.TYPE_MESSAGE and not field.is_repeated
     return singular_message or field.containing_oneof is not None
 
 

@@ -1,0 +1,85 @@
+"""Every kind of config error names file, line and reason; good files load with defaults."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway import config
+
+GATEWAY = """\
+backends:
+  triton:
+    url: 127.0.0.1:8001
+routing_file: routing.yaml
+"""
+ROUTING = """\
+models:
+  double:
+    target: {backend: triton, model: double}
+"""
+
+
+def write(tmp_path: Path, gateway: str = GATEWAY, routing: str = ROUTING) -> Path:
+    (tmp_path / "gateway.yaml").write_text(gateway)
+    (tmp_path / "routing.yaml").write_text(routing)
+    return tmp_path / "gateway.yaml"
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(config.ConfigError) as e:
+        config.load(path)
+    return [str(p) for p in e.value.problems]
+
+
+def test_good_files_load_with_defaults(tmp_path):
+    loaded = config.load(write(tmp_path))
+    assert loaded.gateway.listeners.grpc.port == 9001 and loaded.gateway.listeners.http.port == 9000
+    assert loaded.gateway.listeners.admin.port == 9002 and loaded.gateway.workers == 1
+    assert loaded.gateway.backends["triton"].transport == "unary"
+    assert loaded.routing.models["double"].target.version == ""
+
+
+def test_shipped_example_configs_are_valid():
+    loaded = config.load(Path(__file__).parents[2] / "configs" / "gateway.yaml")
+    assert set(loaded.routing.models) >= {"double", "classifier"}
+
+
+@pytest.mark.parametrize("gateway, routing, expected", [
+    ("backends:\n  triton:\n    url: [1, 2\n", ROUTING, "gateway.yaml:4: YAML syntax"),
+    (GATEWAY + "wrokers: 2\n", ROUTING, "gateway.yaml:5: wrokers: unknown key"),
+    (GATEWAY.replace("url: 127.0.0.1:8001", "url: 127.0.0.1:8001\n    chanels: 2"), ROUTING,
+     "gateway.yaml:4: backends.triton.chanels: unknown key"),
+    (GATEWAY + "workers: many\n", ROUTING, "gateway.yaml:5: workers: Input should be a valid integer"),
+    (GATEWAY + "listeners:\n  grpc: {port: 70000}\n", ROUTING, "gateway.yaml:6: listeners.grpc.port: Input should be less than or equal to 65535"),
+    (GATEWAY.replace("127.0.0.1:8001", "localhost"), ROUTING, "gateway.yaml:3: backends.triton.url: expected host:port"),
+    (GATEWAY, ROUTING + "    timeout_s: fast\n", "routing.yaml:4: models.double.timeout_s: Input should be a valid number"),
+    ("routing_file: routing.yaml\n", ROUTING, "gateway.yaml:1: backends: required key is missing"),
+    (GATEWAY, ROUTING.replace("backend: triton", "backend: tritn"),
+     "routing.yaml:3: models.double.target.backend: unknown backend 'tritn' (gateway config declares: triton)"),
+    (GATEWAY, ROUTING + "  double:\n    target: {backend: triton, model: x}\n", "routing.yaml:4: models.double: duplicate key 'double'"),
+    (GATEWAY, ROUTING.replace("model: double}", "model: double, version: latest}"),
+     "routing.yaml:3: models.double.target.version: version must be a positive integer"),
+    (GATEWAY, "models:\n  double:\n    targt: {backend: triton, model: double}\n", "routing.yaml:3: models.double.targt: unknown key"),
+    (GATEWAY.replace("routing.yaml", "missing.yaml"), ROUTING, "gateway.yaml:4: routing_file: no such file"),
+])
+def test_each_error_kind_names_file_line_and_reason(tmp_path, gateway, routing, expected):
+    found = problems(write(tmp_path, gateway, routing))
+    assert any(expected in p for p in found), found
+    assert all(p.startswith(str(tmp_path)) for p in found)
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    found = problems(write(tmp_path, GATEWAY + "workers: 0\ndrain_timeout_s: -1\n"))
+    assert len(found) == 2 and ":5: workers" in found[0] and ":6: drain_timeout_s" in found[1]
+
+
+def test_check_config_command(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config", str(write(tmp_path))],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config",
+                          str(write(tmp_path, GATEWAY + "bogus: 1\n"))], capture_output=True, text=True)
+    assert bad.returncode == 1 and "gateway.yaml:5: bogus: unknown key" in bad.stderr

@@ -134,6 +134,14 @@ def csv_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def int_list(text: str) -> list[int]:
+    """`1,4,16` -> [1, 4, 16]."""
+    try:
+        return [int(item) for item in csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     """`name=key:value,key:value` -> (name, overrides); values that are digits become ints."""
     name, sep, spec = text.partition("=")
@@ -158,7 +166,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default: one variant 'gateway' with the config unchanged)")
     parser.add_argument("--protocols", type=csv_list, default=["grpc", "http"], help="comma list of grpc, http")
     parser.add_argument("--payloads", type=csv_list, default=["64B", "64KiB"], help="comma list of sizes, e.g. 64B,64KiB")
-    parser.add_argument("--concurrency", type=lambda s: [int(c) for c in csv_list(s)], default=[1, 4, 16],
+    parser.add_argument("--concurrency", type=int_list, default=[1, 4, 16],
                         help="comma list of perf_analyzer concurrencies")
     parser.add_argument("--window-ms", type=int, default=3000, help="perf_analyzer measurement window (-p)")
     parser.add_argument("--rounds", type=int, default=2, help="alternation rounds; results are their median")
@@ -387,7 +395,7 @@ def summarize(measurements: list[Measurement], cases: list[Case], targets: list[
             runs = [by_key.get((r, target.name, case.protocol, case.payload, case.concurrency)) for r in rounds]
             bases = [by_key.get((r, "direct", case.protocol, case.payload, case.concurrency)) for r in rounds]
             ok = [m for m in runs if m is not None and not m.error]
-            pairs = [(m, d) for m, d in zip(runs, bases) if m and d and not m.error and not d.error]
+            pairs = [(m, d) for m, d in zip(runs, bases, strict=True) if m and d and not m.error and not d.error]
             proxy_cpu = [c for m in ok if (c := m.per_request(m.proxy_cpu_us)) is not None]
             triton_cpu = [c for m in ok if (c := m.per_request(m.triton_cpu_us)) is not None]
             rows.append(Row(
@@ -440,11 +448,13 @@ def run_header(args: argparse.Namespace, targets: list[Target], started: datetim
     """Date, machine, git revision, exact command and what each target was."""
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown CPU")
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    revision, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = [f"## {started:%Y-%m-%d %H:%M} UTC · {len(os.sched_getaffinity(0))} × {model} · "
-             f"git {git or '?'}{' (uncommitted changes)' if dirty else ''} · load avg {load}",
+             f"git {revision or '?'}{' (uncommitted changes)' if dirty else ''} · load avg {load}",
              "", f"`{shlex.join(sys.orig_argv)}`", "",
              f"perf_analyzer `-s 1000 -p {args.window_ms}` (3 fixed windows per run), {args.rounds} alternation "
              f"round(s), model `{MODEL}`. Targets: direct = Triton; "

@@ -133,3 +133,18 @@ def test_malformed_http_bodies_are_400(gw, body, headers, fragment):
         urllib.request.urlopen(request, timeout=5)
     assert e.value.code == 400
     assert fragment in e.value.read().decode()
+
+
+def test_oversized_messages_are_refused(triton, start_gateway):
+    gw = start_gateway(triton.grpc_url, max_message_bytes=4096)
+    big = np.ones((1, 2048), np.float32)  # 8 KiB of tensor data
+    tensor = grpcclient.InferInput("INPUT0", [1, 2048], "FP32")
+    tensor.set_data_from_numpy(big)
+    with pytest.raises(InferenceServerException) as e:
+        grpcclient.InferenceServerClient(gw.grpc_url).infer("double", [tensor])
+    assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    http_tensor = httpclient.InferInput("INPUT0", [1, 2048], "FP32")
+    http_tensor.set_data_from_numpy(big)
+    with pytest.raises(InferenceServerException) as e:
+        httpclient.InferenceServerClient(gw.http_url).infer("double", [http_tensor])
+    assert e.value.status() == "413"

@@ -493,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         targets += [start_gateway(stack, run_dir, args.config, name, overrides) for name, overrides in args.variant]
         if not args.no_forwarder and "grpc" in args.protocols:
             targets.append(start_forwarder(stack, run_dir))
+        header = run_header(args, targets, started)
         for target in targets:  # first connections and lazy imports stay out of round 1
             for protocol in target.urls.keys() & set(args.protocols):
                 perf_analyzer(target.urls[protocol], Case(protocol, args.payloads[0], 1), 500, run_dir / "warmup.csv")
@@ -511,7 +512,6 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"round {rnd}/{args.rounds} {case.label()} {target.name}: {m.infer_per_s:.0f} infer/s, "
                               f"p50 {m.p50_us:.0f} µs, p99 {m.p99_us:.0f} µs", file=sys.stderr)
                     measurements.append(m)
-        header = run_header(args, targets, started)
 
     rows = summarize(measurements, cases, targets)
     result = table(rows)

@@ -39,11 +39,11 @@ def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = N
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
-@dataclass
-class Triton:
+class Endpoints:
+    """host:port strings for a server's gRPC and HTTP listeners on loopback."""
+
     http_port: int
     grpc_port: int
-    metrics_port: int
 
     @property
     def grpc_url(self) -> str:
@@ -52,6 +52,13 @@ class Triton:
     @property
     def http_url(self) -> str:
         return f"127.0.0.1:{self.http_port}"
+
+
+@dataclass
+class Triton(Endpoints):
+    http_port: int
+    grpc_port: int
+    metrics_port: int
 
 
 @pytest.fixture(scope="session")
@@ -68,20 +75,12 @@ def triton() -> Iterator[Triton]:
 
 
 @dataclass
-class Gateway:
+class Gateway(Endpoints):
     proc: subprocess.Popen
     http_port: int
     grpc_port: int
     admin_port: int
     config_path: Path
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from gateway import __version__
+
+LEADER_ENV = "INFERGATE_LEADER"  # "1" in the one worker that runs the rollout controller
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set by the supervisor
     check = sub.add_parser("check-config", help="validate config files without starting; exit 0 or list errors")
     check.add_argument("--config", default="configs/gateway.yaml")
+    routes = sub.add_parser("routes", help="print the live route table of a running gateway")
+    routes.add_argument("--admin", default="http://127.0.0.1:9002", help="the gateway's admin URL")
+    routes.add_argument("--json", action="store_true", help="print the admin API's JSON instead of a table")
     args = parser.parse_args(argv)
+
+    if args.command == "routes":
+        from gateway.routing.report import print_routes
+
+        return print_routes(args.admin, args.json)
 
     from gateway import config
 
@@ -44,5 +55,5 @@ def main(argv: list[str] | None = None) -> int:
 
     from gateway.worker import serve as run
 
-    uvloop.run(run(loaded, reuse_port=args.worker))
+    uvloop.run(run(loaded, reuse_port=args.worker, leader=os.environ.get(LEADER_ENV, "1") == "1"))
     return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Type, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Loc = tuple[str | int, ...]
 M = TypeVar("M", bound=BaseModel)
@@ -92,9 +92,96 @@ class Target(Strict):
         return v
 
 
+class WeightedTarget(Target):
+    """A target in a split; weights of a route's targets sum to 100."""
+
+    weight: int = Field(default=0, ge=0, le=100)
+
+
+class Pin(Strict):
+    """Requests whose header (gRPC metadata or HTTP header) equals value always go to target."""
+
+    header: str = Field(min_length=1)
+    value: str
+    target: str
+
+
+class Sticky(Strict):
+    """Hash this header or request parameter so one key always lands on the same target."""
+
+    header: str | None = None
+    parameter: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Sticky":
+        if (self.header is None) == (self.parameter is None):
+            raise ValueError("sticky needs exactly one of 'header' or 'parameter'")
+        return self
+
+
+class Compare(Strict):
+    """How shadow outputs are compared with the primary's: all outputs within atol, and/or the
+    same argmax over the last axis (for classifiers)."""
+
+    atol: float | None = Field(default=1e-5, ge=0)
+    argmax: bool = False
+
+
+class Shadow(Strict):
+    target: str
+    rate: float = Field(default=1.0, gt=0, le=1)
+    compare: Compare = Compare()
+
+
+class Rollout(Strict):
+    """A canary that advances through weight steps while its gates hold, and rolls back when not."""
+
+    target: str
+    steps: list[int] = Field(min_length=1)
+    dwell_s: float = Field(default=60.0, gt=0)
+    min_requests: int = Field(default=50, ge=1)
+    max_error_rate_increase: float = Field(default=0.01, ge=0, le=1)
+    max_p99_ratio: float = Field(default=2.0, gt=0)
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(not 0 < x <= 100 for x in v) or v != sorted(set(v)):
+            raise ValueError(f"steps must be strictly increasing percentages in 1..100, got {v}")
+        return v
+
+
 class Route(Strict):
-    target: Target
+    """One public model: a single `target`, or named `targets` with weights, pins, stickiness,
+    a blue-green `active` switch, shadows and a rollout."""
+
+    target: Target | None = None
+    targets: dict[str, WeightedTarget] | None = None
+    match: list[Pin] = []
+    sticky: Sticky | None = None
+    active: str | None = None
+    shadows: list[Shadow] = []
+    rollout: Rollout | None = None
     timeout_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "Route":
+        if (self.target is None) == (self.targets is None):
+            raise ValueError("a route needs exactly one of 'target' or 'targets'")
+        if self.targets is not None:
+            if not self.targets:
+                raise ValueError("'targets' is empty")
+            total = sum(t.weight for t in self.targets.values())
+            if total != 100 and not (self.active and total == 0):
+                raise ValueError(f"target weights sum to {total}, not 100")
+        return self
+
+    def named_targets(self) -> dict[str, WeightedTarget]:
+        """The targets by name; a single `target` is named 'primary' with weight 100."""
+        if self.targets is not None:
+            return self.targets
+        assert self.target is not None
+        return {"primary": WeightedTarget(**self.target.model_dump(), weight=100)}
 
 
 class RoutingConfig(Strict):
@@ -198,6 +285,36 @@ class _Document:
 _SCALARS = yaml.SafeLoader("")
 
 
+def _route_problems(doc: _Document, name: str, route: Route, gateway: GatewayConfig) -> list[Problem]:
+    """References inside one route: backends declared, target names known, versions unique."""
+    where = ("models", name)
+    problems = []
+    targets = route.named_targets()
+    for key, target in targets.items():
+        loc = where + (("target",) if route.target is not None else ("targets", key)) + ("backend",)
+        if target.backend not in gateway.backends:
+            problems.append(Problem(doc.file, doc.line(loc), f"{_dotted(loc)}: unknown backend {target.backend!r} "
+                                    f"(gateway config declares: {', '.join(sorted(gateway.backends))})"))
+    versions = [(t.backend, t.model, t.version) for t in targets.values()]
+    if len(set(versions)) != len(versions):
+        problems.append(Problem(doc.file, doc.line(where + ("targets",)),
+                                f"{_dotted(where + ('targets',))}: two targets name the same backend, model and version"))
+    refs: list[tuple[Loc, str]] = [(where + ("match", i, "target"), pin.target) for i, pin in enumerate(route.match)]
+    refs += [(where + ("shadows", i, "target"), shadow.target) for i, shadow in enumerate(route.shadows)]
+    if route.active is not None:
+        refs.append((where + ("active",), route.active))
+    if route.rollout is not None:
+        refs.append((where + ("rollout", "target"), route.rollout.target))
+    for loc, ref in refs:
+        if ref not in targets:
+            problems.append(Problem(doc.file, doc.line(loc), f"{_dotted(loc)}: no target named {ref!r} "
+                                    f"(targets: {', '.join(targets)})"))
+    if route.rollout is not None and len(targets) < 2:
+        loc = where + ("rollout",)
+        problems.append(Problem(doc.file, doc.line(loc), f"{_dotted(loc)}: a rollout needs a second target to move traffic from"))
+    return problems
+
+
 def _dotted(loc: Loc) -> str:
     return ".".join(str(p) for p in loc) or "<document>"
 
@@ -227,13 +344,7 @@ def load_routing(path: Path, gateway: GatewayConfig) -> RoutingConfig:
     """Validate a routing file against the backends the gateway config declares."""
     doc = _read(path)
     routing = doc.parse(RoutingConfig)
-    problems = [
-        Problem(doc.file, doc.line(("models", name, "target", "backend")),
-                f"models.{name}.target.backend: unknown backend {route.target.backend!r} "
-                f"(gateway config declares: {', '.join(sorted(gateway.backends))})")
-        for name, route in routing.models.items()
-        if route.target.backend not in gateway.backends
-    ]
+    problems = [p for name, route in routing.models.items() for p in _route_problems(doc, name, route, gateway)]
     if problems:
         raise ConfigError(problems)
     return routing

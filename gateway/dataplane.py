@@ -1,25 +1,31 @@
 """The request path, top to bottom. Frontends decode a protocol into a Call, this module decides
 what happens to it, and frontends encode the answer. Later rooms (security, limits, validation,
-shadows, drift, audit) slot in here, in this order, and nowhere else.
+drift, audit) slot in here, in this order, and nowhere else.
 
-    route    = routes.resolve(call.model)          public name -> backend target (NOT_FOUND)
-    payload  = call.raw + route.request_suffix()   rename for the backend, without re-encoding
-    response = await backend.infer(payload)        deadline = min(client's, route's)
-    metrics.observe(...)                           count and time every answer, errors too
-    return response + route.response_suffix        rename back to the public model
+    route    = routes.resolve(call.model)             public name -> route (NOT_FOUND)
+    decision = route.decide(version, headers, ...)    version, pin, blue-green, sticky or weight
+    response = await target.backend.infer(...)        raw bytes + appended rename, deadline = min(client's, route's)
+    stats / metrics                                   per-target outcomes for rollout gates; counters, latency
+    shadows.offer(...)                                sampled shadows run after the answer, off this path
+    return response + target.response_suffix          renamed back to the public model
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
+
+import grpc
 
 from gateway.errors import DeadlineExceeded, GatewayError
 from gateway.observability.metrics import Metrics
 from gateway.protocol.wire import pb
-from gateway.routing import Route, RouteTable
+from gateway.routing.shadow import ShadowDispatcher
+from gateway.routing.table import Route, RouteTable, Target
 
-UNKNOWN_MODEL = "<unknown>"  # metric label for names the routing file does not publish
+UNKNOWN = "<unknown>"  # metric label for names the routing file does not publish
+# Codes that say the request was bad, not the target: they do not count against a canary.
+_CLIENT_FAULTS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.CANCELLED})
 
 
 @dataclass(slots=True)
@@ -31,75 +37,101 @@ class Call:
     request_id: str                     # the client's own id ("" if none): answers carry it back
     raw: bytes                          # the serialized ModelInferRequest, forwarded as is
     protocol: str                       # "grpc" or "http": a metric label
+    headers: Mapping[str, str]          # gRPC metadata or HTTP headers, lower-case names
+    request: pb.ModelInferRequest | None = None   # the parsed form, for parameters
     time_remaining: float | None = None  # the client's deadline, seconds from now
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    raw: bytes      # the serialized ModelInferResponse, named as the client asked
+    target: str     # the route target that served it (a response header / trailer)
 
 
 class DataPlane:
     """Holds the current route table (swapped whole on reload) and runs each request through it."""
 
-    def __init__(self, routes: RouteTable, metrics: Metrics, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.routes = routes
+    def __init__(self, metrics: Metrics, shadows: ShadowDispatcher, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.routes: RouteTable | None = None
         self.metrics = metrics
+        self.shadows = shadows
         self._clock = clock
 
-    async def infer(self, call: Call) -> bytes:
-        """Forward one request; returns the serialized ModelInferResponse named as the client asked."""
+    def swap(self, routes: RouteTable) -> None:
+        """Install a new route table; requests already running finish on the old one."""
+        self.routes = routes
+
+    async def infer(self, call: Call) -> Answer:
+        """Forward one request to the target its route picks."""
         start = self._clock()
-        model = UNKNOWN_MODEL
-        code = "OK"
+        model, target_name, code = UNKNOWN, UNKNOWN, "OK"
+        target: Target | None = None
         try:
             route = self.routes.resolve(call.model)
             model = route.public
-            payload = call.raw + route.request_suffix(call.version)
-            response = await route.backend.infer(payload, _timeout(route, call.time_remaining), call.request_id)
-            return response + route.response_suffix
+            decision = route.decide(call.version, call.headers, call.request)
+            target = decision.target
+            target_name = target.name
+            response = await target.backend.infer(call.raw + decision.suffix, _timeout(route, call.time_remaining),
+                                                  call.request_id)
         except GatewayError as e:
             code = e.code.name
+            if target is not None and e.code not in _CLIENT_FAULTS:
+                target.stats.record(False, self._clock() - start)
             raise
         finally:
-            self.metrics.observe(model, call.protocol, code, self._clock() - start)
+            self.metrics.observe(model, target_name, call.protocol, code, self._clock() - start)
+        target.stats.record(True, self._clock() - start)
+        if route.shadows:
+            self.shadows.offer(route, call, target, response)
+        return Answer(response + target.response_suffix, target_name)
 
     # ---- the metadata side of the protocol: resolve the route, ask its backend, rename back
 
-    def model_request(self, model: str, version: str) -> tuple[Route, str]:
-        """The route for a public model and the backend version to ask for."""
+    def _target(self, model: str, version: str) -> tuple[Route, Target, str]:
+        """The route, the target that describes it, and the backend version to ask for."""
         route = self.routes.resolve(model)
-        route.request_suffix(version)  # NOT_FOUND for a version the route does not serve
-        return route, version or route.version
+        target = route.decide(version, {}, None).target if version else route.default_target()
+        return route, target, version or target.version
 
     async def model_metadata(self, model: str, version: str) -> pb.ModelMetadataResponse:
-        route, version = self.model_request(model, version)
+        route, target, version = self._target(model, version)
         answer = pb.ModelMetadataResponse()
-        answer.CopyFrom(await route.backend.cached("ModelMetadata", route.model, version))
+        answer.CopyFrom(await target.backend.cached("ModelMetadata", target.model, version))
         answer.name = route.public
-        if route.version:
-            answer.versions[:] = [route.version]
+        served = sorted({t.version for t in route.targets.values()})
+        if "" not in served:
+            answer.versions[:] = served
         return answer
 
     async def model_config(self, model: str, version: str) -> pb.ModelConfigResponse:
-        route, version = self.model_request(model, version)
+        route, target, version = self._target(model, version)
         answer = pb.ModelConfigResponse()
-        answer.CopyFrom(await route.backend.cached("ModelConfig", route.model, version))
+        answer.CopyFrom(await target.backend.cached("ModelConfig", target.model, version))
         answer.config.name = route.public
         return answer
 
     async def model_ready(self, model: str, version: str) -> bool:
-        route, version = self.model_request(model, version)
+        _, target, version = self._target(model, version)
         try:
-            answer = await route.backend.call("ModelReady", pb.ModelReadyRequest(name=route.model, version=version))
+            answer = await target.backend.call("ModelReady", pb.ModelReadyRequest(name=target.model, version=version))
         except GatewayError:
             return False
         return bool(answer.ready)
 
     async def model_statistics(self, model: str, version: str) -> pb.ModelStatisticsResponse:
-        """Statistics for one public model, or for every published one when model is empty."""
-        routes = [self.model_request(model, version)] if model else [(r, r.version) for r in self.routes.routes.values()]
+        """Statistics of every target of one public model (or of all published ones)."""
+        routes = [self.routes.resolve(model)] if model else list(self.routes.routes.values())
         answer = pb.ModelStatisticsResponse()
-        for route, v in routes:
-            stats = await route.backend.call("ModelStatistics", pb.ModelStatisticsRequest(name=route.model, version=v))
-            for entry in stats.model_stats:
-                entry.name = route.public
-                answer.model_stats.append(entry)
+        for route in routes:
+            for target in route.targets.values():
+                if version and target.version and version != target.version:
+                    continue
+                stats = await target.backend.call(
+                    "ModelStatistics", pb.ModelStatisticsRequest(name=target.model, version=version or target.version))
+                for entry in stats.model_stats:
+                    entry.name = route.public
+                    answer.model_stats.append(entry)
         return answer
 
     async def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
@@ -107,16 +139,19 @@ class DataPlane:
         answer = pb.RepositoryIndexResponse()
         indexes: dict[Any, Any] = {}
         for route in self.routes.routes.values():
-            if route.backend not in indexes:
-                indexes[route.backend] = await route.backend.call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready_only))
-            for entry in indexes[route.backend].models:
-                if entry.name == route.model and (not route.version or entry.version == route.version):
-                    answer.models.add(name=route.public, version=entry.version, state=entry.state, reason=entry.reason)
+            for target in route.targets.values():
+                if target.backend not in indexes:
+                    indexes[target.backend] = await target.backend.call(
+                        "RepositoryIndex", pb.RepositoryIndexRequest(ready=ready_only))
+                for entry in indexes[target.backend].models:
+                    if entry.name == target.model and (not target.version or entry.version == target.version):
+                        answer.models.add(name=route.public, version=entry.version, state=entry.state, reason=entry.reason)
         return answer
 
     def ready(self) -> bool:
         """Ready while every backend a route uses answered its last health probe."""
-        return all(route.backend.healthy for route in self.routes.routes.values())
+        return self.routes is not None and all(
+            t.backend.healthy for route in self.routes.routes.values() for t in route.targets.values())
 
 
 def _timeout(route: Route, client_remaining: float | None) -> float:
@@ -126,4 +161,3 @@ def _timeout(route: Route, client_remaining: float | None) -> float:
     if client_remaining <= 0:
         raise DeadlineExceeded("Deadline Exceeded")
     return min(client_remaining, route.timeout_s)
-

@@ -1,7 +1,9 @@
 """Runs N worker processes sharing the listening ports (SO_REUSEPORT) and forwards stop signals.
 
 Workers are fresh interpreters (not forks): gRPC's core does not survive fork. A worker that dies
-on its own is restarted after a second; SIGTERM/SIGINT go to every worker, which drain and exit.
+on its own is restarted after a second; SIGTERM/SIGINT go to every worker, which drain and exit;
+SIGHUP goes to every worker, which reload the routing file. Worker 0 is the leader that runs
+the rollout controller.
 """
 from __future__ import annotations
 
@@ -23,19 +25,23 @@ def supervise(argv: list[str], workers: int) -> int:
     command = [sys.executable, "-m", "gateway", *argv, "--worker"]
     stopping = False
 
-    def spawn() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(command, env=env)
+    def spawn(index: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(command, env=dict(env, INFERGATE_LEADER="1" if index == 0 else "0"))
 
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+    def forward(signum: int, frame: object) -> None:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    procs = [spawn() for _ in range(workers)]
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        forward(signum, frame)
+
+    procs = [spawn(i) for i in range(workers)]
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, forward)
     log.info("supervising %d workers: %s", workers, " ".join(str(p.pid) for p in procs))
     try:
         while True:
@@ -46,7 +52,7 @@ def supervise(argv: list[str], workers: int) -> int:
                 elif not stopping:
                     log.warning("worker %d exited with %s; restarting", p.pid, p.returncode)
                     time.sleep(1.0)
-                    procs[i] = spawn()
+                    procs[i] = spawn(i)
                     alive += 1
             if stopping and alive == 0:
                 break

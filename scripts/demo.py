@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import sys
 import urllib.request
+from collections import Counter
 
 import numpy as np
+import orjson
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
+
+from gateway.routing.report import table_lines
 
 GRPC, HTTP, ADMIN = "127.0.0.1:9001", "127.0.0.1:9000", "http://127.0.0.1:9002"
 
@@ -20,12 +24,16 @@ def main() -> int:
     print("published models:", ", ".join(f"{m.name} (v{m.version} {m.state})" for m in g.get_model_repository_index().models))
 
     features = np.array([[0.2, -1.0, 0.5, 1.5, -0.3, 0.8, 0.0, 1.1]], np.float32)
-    for model in ("classifier-v1", "classifier"):
-        tensor = grpcclient.InferInput("features", [1, 8], "FP32")
-        tensor.set_data_from_numpy(features)
-        result = g.infer(model, [tensor], request_id=f"demo-{model}")
-        answer = result.get_response()
-        print(f"gRPC  {model:14s} -> version {answer.model_version}: probabilities {np.round(result.as_numpy('probabilities'), 4)}")
+    tensor = grpcclient.InferInput("features", [1, 8], "FP32")
+    tensor.set_data_from_numpy(features)
+    for headers in ({}, {"x-infergate-target": "v2"}):
+        result = g.infer("classifier", [tensor], headers=headers)
+        print(f"gRPC  classifier {headers or ''} -> version {result.get_response().model_version}: "
+              f"probabilities {np.round(result.as_numpy('probabilities'), 4)}")
+    served = Counter(g.infer("classifier", [tensor]).get_response().model_version for _ in range(200))
+    print(f"gRPC  classifier x200 (90/10 canary) -> versions served: {dict(sorted(served.items()))}")
+    sticky = {g.infer("classifier", [tensor], headers={"x-user-id": "alice"}).get_response().model_version for _ in range(20)}
+    print(f"gRPC  classifier x20 as x-user-id=alice (sticky) -> versions served: {sorted(sticky)}")
 
     data = np.arange(8, dtype=np.float32)[None]
     for binary in (True, False):
@@ -40,12 +48,16 @@ def main() -> int:
         print(f"gRPC  no-such-model -> {e.status()}: {e.message()}")
 
     metrics = urllib.request.urlopen(f"{ADMIN}/metrics").read().decode()
-    print("metrics:", *[l for l in metrics.splitlines() if l.startswith("infergate_requests_total")], sep="\n  ")
+    wanted = ("infergate_requests_total", "infergate_shadow_requests_total", "infergate_route_weight")
+    print("metrics:", *[l for l in metrics.splitlines() if l.startswith(wanted)], sep="\n  ")
+    print("\nlive routes (infergate routes):")
+    print("\n".join("  " + line for line in table_lines(orjson.loads(urllib.request.urlopen(f"{ADMIN}/admin/routes").read()))))
     print(f"""
 Where to look next:
   metrics              curl {ADMIN}/metrics
   gateway log          .run/gateway.log      (Triton's: .triton/tritonserver-8000.log)
-  routes               configs/routing.yaml  (check with: .venv/bin/infergate check-config)
+  routes               configs/routing.yaml  (edit it: the gateway reloads; docs/routing.md)
+  live route table     .venv/bin/infergate routes
   load                 scripts/triton-cpu.sh perf_analyzer -m double -u {GRPC} -i grpc --shape INPUT0:16
   benchmark            make bench            (results in bench/RESULTS.md)
   stop everything      make demo-down""")

@@ -54,6 +54,16 @@ class Endpoints:
         return f"127.0.0.1:{self.http_port}"
 
 
+def metric(gw: "Gateway", name: str, **labels: str) -> float:
+    """The sum of a metric's samples on the gateway's /metrics that carry these labels."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/metrics").read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 @dataclass
 class Triton(Endpoints):
     http_port: int

@@ -19,6 +19,8 @@ from gateway.protocol.wire import SERVICE, pb, stream_error, stream_response
 
 log = logging.getLogger(__name__)
 
+TARGET_HEADER = "infergate-target"  # names the route target that served a request
+
 # Triton extensions that hold through the gateway (shared memory and tracing control do not).
 EXTENSIONS = ("classification", "sequence", "model_configuration", "binary_tensor_data", "parameters", "statistics")
 
@@ -49,9 +51,9 @@ class GrpcFrontend:
         })
 
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        request = _parse(raw)
-        return await self.dataplane.infer(
-            Call(request.model_name, request.model_version, request.id, raw, "grpc", context.time_remaining()))
+        answer = await self.dataplane.infer(_call(raw, context))
+        context.set_trailing_metadata(((TARGET_HEADER, answer.target),))
+        return answer.raw
 
     async def model_stream_infer(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """Each request on the stream runs concurrently; answers go back as they finish, errors
@@ -59,17 +61,15 @@ class GrpcFrontend:
         answers: asyncio.Queue[bytes | None] = asyncio.Queue()
 
         async def one(raw: bytes) -> None:
-            request_id = ""
+            call = None
             try:
-                request = _parse(raw)
-                request_id = request.id
-                call = Call(request.model_name, request.model_version, request_id, raw, "grpc", context.time_remaining())
-                answers.put_nowait(stream_response(await self.dataplane.infer(call)))
-            except GatewayError as e:
-                answers.put_nowait(stream_error(e.message, request_id))
-            except Exception:  # noqa: BLE001 - one bad request must not end the stream
-                log.exception("stream request failed")
-                answers.put_nowait(stream_error("internal gateway error", request_id))
+                call = _call(raw, context)
+                answers.put_nowait(stream_response((await self.dataplane.infer(call)).raw))
+            except Exception as e:  # noqa: BLE001 - one bad request must not end the stream
+                if not isinstance(e, GatewayError):
+                    log.exception("stream request failed")
+                message = e.message if isinstance(e, GatewayError) else "internal gateway error"
+                answers.put_nowait(stream_error(message, call.request_id if call is not None else ""))
 
         async def read_all() -> None:
             pending: set[asyncio.Task[None]] = set()
@@ -115,11 +115,28 @@ class GrpcFrontend:
         return await self.dataplane.repository_index(request.ready)
 
 
-def _parse(raw: bytes) -> pb.ModelInferRequest:
+class _Metadata:
+    """The client's metadata, turned into a dict only if a route asks for a header."""
+
+    __slots__ = ("_context", "_values")
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+        self._values: dict[str, str] | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if self._values is None:
+            self._values = {k: v for k, v in (self._context.invocation_metadata() or ()) if isinstance(v, str)}
+        return self._values.get(key, default)
+
+
+def _call(raw: bytes, context: grpc.aio.ServicerContext) -> Call:
     try:
-        return pb.ModelInferRequest.FromString(raw)
+        request = pb.ModelInferRequest.FromString(raw)
     except DecodeError as e:
         raise InvalidArgument(f"malformed ModelInferRequest: {e}") from None
+    return Call(request.model_name, request.model_version, request.id, raw, "grpc", _Metadata(context),  # type: ignore[arg-type]
+                request, context.time_remaining())
 
 
 def _guarded(fn: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

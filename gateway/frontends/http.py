@@ -12,7 +12,7 @@ from aiohttp import web
 from gateway import __version__
 from gateway.dataplane import Call, DataPlane
 from gateway.errors import GatewayError
-from gateway.frontends.grpc import EXTENSIONS
+from gateway.frontends.grpc import EXTENSIONS, TARGET_HEADER
 from gateway.protocol import http_codec
 from gateway.protocol.messages import to_json
 from gateway.protocol.wire import pb
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _json(doc: Any, status: int = 200) -> web.Response:
+def json_response(doc: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
 
 
@@ -31,12 +31,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except GatewayError as e:
-        return _json({"error": e.message}, e.http_status)
+        return json_response({"error": e.message}, e.http_status)
     except web.HTTPException:
         raise
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
-        return _json({"error": "internal gateway error"}, 500)
+        return json_response({"error": "internal gateway error"}, 500)
 
 
 class HttpFrontend:
@@ -68,13 +68,15 @@ class HttpFrontend:
         body = await request.read()
         infer_request, plan = http_codec.decode_request(
             body, request.headers.get(http_codec.HEADER_LENGTH), model, version)
-        raw = await self.dataplane.infer(Call(model, version, infer_request.id, infer_request.SerializeToString(), "http"))
-        out, header_length = http_codec.encode_response(pb.ModelInferResponse.FromString(raw), plan)
+        answer = await self.dataplane.infer(Call(model, version, infer_request.id, infer_request.SerializeToString(),
+                                                 "http", request.headers, infer_request))
+        out, header_length = http_codec.encode_response(pb.ModelInferResponse.FromString(answer.raw), plan)
+        headers = {TARGET_HEADER: answer.target}
         if header_length is None:
-            response = web.Response(body=out, content_type="application/json")
+            response = web.Response(body=out, content_type="application/json", headers=headers)
         else:
-            response = web.Response(body=out, content_type="application/octet-stream",
-                                    headers={http_codec.HEADER_LENGTH: str(header_length)})
+            headers[http_codec.HEADER_LENGTH] = str(header_length)
+            response = web.Response(body=out, content_type="application/octet-stream", headers=headers)
         if request.headers.get("Accept-Encoding"):
             response.enable_compression()
         return response
@@ -86,11 +88,11 @@ class HttpFrontend:
         return web.Response(status=200 if self.is_ready() else 400)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return _json({"name": "infergate", "version": __version__, "extensions": list(EXTENSIONS)})
+        return json_response({"name": "infergate", "version": __version__, "extensions": list(EXTENSIONS)})
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         m = request.match_info
-        return _json(to_json(await self.dataplane.model_metadata(m["model"], m.get("version", ""))))
+        return json_response(to_json(await self.dataplane.model_metadata(m["model"], m.get("version", ""))))
 
     async def model_ready(self, request: web.Request) -> web.Response:
         m = request.match_info
@@ -98,16 +100,16 @@ class HttpFrontend:
 
     async def model_config(self, request: web.Request) -> web.Response:
         m = request.match_info
-        return _json(to_json((await self.dataplane.model_config(m["model"], m.get("version", ""))).config))
+        return json_response(to_json((await self.dataplane.model_config(m["model"], m.get("version", ""))).config))
 
     async def statistics(self, request: web.Request) -> web.Response:
         m = request.match_info
-        return _json(to_json(await self.dataplane.model_statistics(m.get("model", ""), m.get("version", ""))))
+        return json_response(to_json(await self.dataplane.model_statistics(m.get("model", ""), m.get("version", ""))))
 
     async def repository_index(self, request: web.Request) -> web.Response:
         body = await request.read()
         try:
             ready_only = bool(orjson.loads(body).get("ready", False)) if body else False
         except (orjson.JSONDecodeError, AttributeError):
-            return _json({"error": "failed to parse the request JSON buffer"}, 400)
-        return _json(to_json(await self.dataplane.repository_index(ready_only))["models"])
+            return json_response({"error": "failed to parse the request JSON buffer"}, 400)
+        return json_response(to_json(await self.dataplane.repository_index(ready_only))["models"])

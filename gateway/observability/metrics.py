@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 
+DIFF_BUCKETS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -15,19 +16,40 @@ class Metrics:
     """The gateway's metric families, with label children cached so the request path only counts."""
 
     def __init__(self) -> None:
-        self.requests = Counter("infergate_requests_total", "Inference requests answered, by model, protocol and status code",
-                                ["model", "protocol", "code"])
+        self.requests = Counter("infergate_requests_total", "Inference requests answered, by model, target, protocol and status code",
+                                ["model", "target", "protocol", "code"])
         self.latency = Histogram("infergate_request_duration_seconds", "Time from request decoded to answer ready",
                                  ["model", "protocol"], buckets=LATENCY_BUCKETS)
-        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self.shadows = Counter("infergate_shadow_requests_total", "Shadow calls by outcome: agree, disagree, error, dropped",
+                               ["model", "target", "result"])
+        self.shadow_diff = Histogram("infergate_shadow_max_abs_diff", "Largest absolute output difference, shadow vs primary",
+                                     ["model", "target"], buckets=DIFF_BUCKETS)
+        self.weights = Gauge("infergate_route_weight", "Live weight (percent) of each route target",
+                             ["model", "target"], multiprocess_mode="livemax")
+        self.reloads = Counter("infergate_config_reloads_total", "Routing reloads by result (ok, rejected)", ["result"])
+        self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
 
-    def observe(self, model: str, protocol: str, code: str, seconds: float) -> None:
-        key = (model, protocol, code)
+    def observe(self, model: str, target: str, protocol: str, code: str, seconds: float) -> None:
+        key = (model, target, protocol, code)
         pair = self._children.get(key)
         if pair is None:
             pair = self._children[key] = (self.requests.labels(*key), self.latency.labels(model, protocol))
         pair[0].inc()
         pair[1].observe(seconds)
+
+    def shadow(self, model: str, target: str, result: str, diff: float | None = None) -> None:
+        self.shadows.labels(model, target, result).inc()
+        if diff is not None:
+            self.shadow_diff.labels(model, target).observe(diff)
+
+    def route_weights(self, table: Any) -> None:
+        for route in table.routes.values():
+            for target in route.targets.values():
+                live = 100 if route.active is target else 0 if route.active is not None else target.weight
+                self.weights.labels(route.public, target.name).set(live)
+
+    def reload(self, result: str) -> None:
+        self.reloads.labels(result).inc()
 
 
 def exposition() -> bytes:

@@ -1,4 +1,2 @@
-"""Which backend model serves a public model name: the route table compiled at config load."""
-from gateway.routing.table import Route, RouteTable, compile_routes
-
-__all__ = ["Route", "RouteTable", "compile_routes"]
+"""Which target serves each request: the compiled route table, splits, shadows, rollouts and
+the live state behind them."""

@@ -1,46 +1,108 @@
-"""The immutable route table: public model name -> backend target, with byte-level rewrites precomputed.
+"""The immutable route table: public model name -> targets, with every per-request decision
+precomputed at config load (the bytes that rename a request for its target and the answer back,
+the weight split, pins, stickiness, the blue-green switch, shadows, timeouts).
 
-Everything a request needs (the bytes that rename the model for the backend, the bytes that
-rename it back in the answer, the timeout) is computed here at config load, not per request.
+A reload, an admin change or a rollout step builds a new table and swaps one reference.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 from gateway.backends.triton import TritonBackend
-from gateway.config import RoutingConfig
+from gateway.config import Compare, Route as RouteSpec, RoutingConfig
 from gateway.errors import NotFound
 from gateway.protocol.wire import override, pb
+from gateway.routing.split import Split
+from gateway.routing.state import RouteState, TargetStats
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """One public model and the backend model behind it."""
+@dataclass(frozen=True, slots=True, eq=False)
+class Target:
+    """One backend model version a route can send to."""
 
-    public: str
+    name: str
     backend: TritonBackend
     model: str
     version: str            # "" lets the client (or Triton's version policy) choose
-    timeout_s: float
+    weight: int             # the live weight (file, overridden by admin or rollout)
     name_suffix: bytes      # appended to a request: sets the backend's model name
-    default_suffix: bytes   # the same plus the pinned version, for requests naming no version
-    response_suffix: bytes  # appended to a response: restores the public model name
+    default_suffix: bytes   # the same plus this target's version, for requests naming none
+    response_suffix: bytes  # appended to an answer: restores the public model name
+    stats: TargetStats      # outcomes the rollout gates read; survives reloads
 
-    def request_suffix(self, version: str) -> bytes:
-        """Rewrite for a request asking for `version` ("" for any); NOT_FOUND if the route forbids it."""
-        if not version:
-            return self.default_suffix
-        if self.version and version != self.version:
-            raise NotFound(f"Request for unknown model: '{self.public}' version {version} is not found")
-        return self.name_suffix
+
+@dataclass(frozen=True, slots=True)
+class ShadowTarget:
+    target: Target
+    rate: float
+    compare: Compare
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where one request goes, why, and the bytes to append to it."""
+
+    target: Target
+    reason: str             # version | pin | active | sticky | weight
+    suffix: bytes
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Route:
+    """One public model and the rules that pick a target for each request."""
+
+    public: str
+    spec: RouteSpec
+    targets: dict[str, Target]
+    split: Split[Target]
+    active: Target | None
+    pins: tuple[tuple[str, str, Target], ...]
+    sticky_header: str | None
+    sticky_parameter: str | None
+    shadows: tuple[ShadowTarget, ...]
+    timeout_s: float
+    by_version: dict[str, Target] = field(default_factory=dict)
+
+    def decide(self, version: str, headers: Mapping[str, str], request: pb.ModelInferRequest | None) -> Decision:
+        """Pick the target: an explicit version, then header pins, then the blue-green switch,
+        then the sticky key, then the weights."""
+        if version:
+            target = self.by_version.get(version) or self.by_version.get("")
+            if target is None:
+                raise NotFound(f"Request for unknown model: '{self.public}' version {version} is not found")
+            return Decision(target, "version", target.name_suffix)
+        for header, value, target in self.pins:
+            if headers.get(header) == value:
+                return Decision(target, "pin", target.default_suffix)
+        if self.active is not None:
+            return Decision(self.active, "active", self.active.default_suffix)
+        key = self._sticky_key(headers, request)
+        if key:
+            target = self.split.pick_sticky(key)
+            return Decision(target, "sticky", target.default_suffix)
+        target = self.split.pick()
+        return Decision(target, "weight", target.default_suffix)
+
+    def _sticky_key(self, headers: Mapping[str, str], request: pb.ModelInferRequest | None) -> str:
+        if self.sticky_header is not None:
+            return headers.get(self.sticky_header, "")
+        if self.sticky_parameter is not None and request is not None and self.sticky_parameter in request.parameters:
+            p = request.parameters[self.sticky_parameter]
+            return str(getattr(p, p.WhichOneof("parameter_choice") or "string_param"))
+        return ""
+
+    def default_target(self) -> Target:
+        """The target metadata calls describe: the blue-green active one, else the heaviest."""
+        return self.active or max(self.targets.values(), key=lambda t: t.weight)
 
 
 class RouteTable:
     """All published models; `resolve` is the only lookup on the request path."""
 
-    def __init__(self, routes: Mapping[str, Route]) -> None:
+    def __init__(self, routes: Mapping[str, Route], config: RoutingConfig) -> None:
         self.routes = dict(routes)
+        self.config = config
 
     def resolve(self, public: str) -> Route:
         route = self.routes.get(public)
@@ -49,22 +111,39 @@ class RouteTable:
         return route
 
 
-def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend]) -> RouteTable:
-    """Build the route table; config.load has already checked every backend reference."""
+def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
+                   states: Mapping[str, RouteState], stats: dict[tuple[str, str], TargetStats]) -> RouteTable:
+    """Build the table from the file's routes and the live state (admin overrides, rollout steps).
+    config.load has already checked every reference."""
     routes = {}
     for public, spec in config.models.items():
-        target = spec.target
-        backend = backends[target.backend]
-        renamed = target.model != public
+        state = states.get(public) or RouteState()
+        named = spec.named_targets()
+        weights = state.weights(spec)
+        targets = {}
+        for name, t in named.items():
+            renamed = t.model != public
+            model_name = t.model if renamed else ""
+            targets[name] = Target(
+                name=name, backend=backends[t.backend], model=t.model, version=t.version, weight=weights[name],
+                name_suffix=override(pb.ModelInferRequest, model_name=model_name),
+                default_suffix=override(pb.ModelInferRequest, model_name=model_name, model_version=t.version),
+                response_suffix=override(pb.ModelInferResponse, model_name=public if renamed else ""),
+                stats=stats.setdefault((public, name), TargetStats()),
+            )
+        active_name = state.active or spec.active
+        by_version = {t.version: t for t in targets.values()}
         routes[public] = Route(
             public=public,
-            backend=backend,
-            model=target.model,
-            version=target.version,
-            timeout_s=spec.timeout_s or backend.config.request_timeout_s,
-            name_suffix=override(pb.ModelInferRequest, model_name=target.model if renamed else ""),
-            default_suffix=override(pb.ModelInferRequest, model_name=target.model if renamed else "",
-                                    model_version=target.version),
-            response_suffix=override(pb.ModelInferResponse, model_name=public if renamed else ""),
+            spec=spec,
+            targets=targets,
+            split=Split([(t, t.name, t.weight) for t in targets.values()]),
+            active=targets[active_name] if active_name else None,
+            pins=tuple((p.header.lower(), p.value, targets[p.target]) for p in spec.match),
+            sticky_header=spec.sticky.header.lower() if spec.sticky and spec.sticky.header else None,
+            sticky_parameter=spec.sticky.parameter if spec.sticky else None,
+            shadows=tuple(ShadowTarget(targets[s.target], s.rate, s.compare) for s in spec.shadows),
+            timeout_s=spec.timeout_s or targets[next(iter(targets))].backend.config.request_timeout_s,
+            by_version=by_version,
         )
-    return RouteTable(routes)
+    return RouteTable(routes, config)

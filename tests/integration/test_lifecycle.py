@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,6 +12,8 @@ import pytest
 import tritonclient.grpc.aio as grpc_aio
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
+
+from tests.conftest import metric
 
 DELAY_MS = 800.0
 
@@ -83,8 +84,7 @@ def test_workers_share_ports_and_metrics(triton, start_gateway):
         client.close()
     served = [w.cpu_times().user + w.cpu_times().system for w in workers]
     assert all(s > 0 for s in served)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/metrics").read().decode()
-    line = next(l for l in text.splitlines() if l.startswith('infergate_requests_total{code="OK",model="double",protocol="http"}'))
-    assert float(line.split()[-1]) == 20  # every worker's count, whichever worker answered the scrape
+    # every worker's count, whichever worker answered the scrape
+    assert metric(gw, "infergate_requests_total", code="OK", model="double", protocol="http") == 20
     assert gw.stop() == 0
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)

@@ -10,6 +10,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from tests.conftest import metric
+
 FEATURES = np.random.default_rng(7).normal(size=(4, 8)).astype(np.float32)
 
 
@@ -120,9 +122,6 @@ def test_repository_index_and_statistics_show_public_names(gw):
 
 
 def test_metrics_count_requests(gw):
-    import urllib.request
-
+    before = metric(gw, "infergate_requests_total", code="OK", model="double", protocol="grpc", target="primary")
     grpc_infer(gw.grpc_url, "double", np.ones((1, 4), np.float32), name="INPUT0")
-    text = urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/metrics").read().decode()
-    line = next(l for l in text.splitlines() if l.startswith('infergate_requests_total{code="OK",model="double",protocol="grpc"}'))
-    assert float(line.split()[-1]) >= 1
+    assert metric(gw, "infergate_requests_total", code="OK", model="double", protocol="grpc", target="primary") == before + 1

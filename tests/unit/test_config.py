@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway import config
+from tests.routing_cases import BROKEN, GOOD
 
 GATEWAY = """\
 backends:
@@ -83,3 +84,15 @@ def test_check_config_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config",
                           str(write(tmp_path, GATEWAY + "bogus: 1\n"))], capture_output=True, text=True)
     assert bad.returncode == 1 and "gateway.yaml:5: bogus: unknown key" in bad.stderr
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_broken_routing_files_name_line_and_reason(tmp_path, case):
+    text, line, reason = BROKEN[case]
+    found = problems(write(tmp_path, routing=text))
+    assert any(f"routing.yaml:{line}:" in p and reason in p for p in found), found
+
+
+def test_good_split_routing_loads(tmp_path):
+    loaded = config.load(write(tmp_path, routing=GOOD))
+    assert {n: t.weight for n, t in loaded.routing.models["classifier"].named_targets().items()} == {"v1": 90, "v2": 10}

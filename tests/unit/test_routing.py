@@ -1,48 +1,203 @@
-"""The compiled route table: lookups, version pins and the precomputed byte rewrites."""
+"""The compiled route table and its decisions, the split, rollout weights and controller steps,
+admin actions and shadow comparison: pure logic, no network."""
 from __future__ import annotations
 
+import time
+from collections import Counter
+
+import numpy as np
 import pytest
 
-from gateway.config import Backend, RoutingConfig
+from gateway.config import Backend, Compare, RoutingConfig
 from gateway.errors import NotFound
+from gateway.frontends.admin import _apply, _BadRequest
 from gateway.protocol.wire import pb
-from gateway.routing import compile_routes
+from gateway.routing.rollout import RolloutController
+from gateway.routing.shadow import compare
+from gateway.routing.split import Split
+from gateway.routing.state import RolloutStatus, RouteState, rollout_weights
+from gateway.routing.table import compile_routes
 
 
 class FakeBackend:
     """Only what compile_routes reads; no network here."""
 
+    name = "t"
     config = Backend(url="127.0.0.1:1", request_timeout_s=7)
 
 
-def table():
-    config = RoutingConfig.model_validate({"models": {
-        "double": {"target": {"backend": "t", "model": "double"}},
-        "scorer": {"target": {"backend": "t", "model": "classifier", "version": 2}, "timeout_s": 0.5}}})
-    return compile_routes(config, {"t": FakeBackend()})
+def table(models: dict, states: dict | None = None, stats: dict | None = None):
+    return compile_routes(RoutingConfig.model_validate({"models": models}), {"t": FakeBackend()},
+                          states or {}, {} if stats is None else stats)
+
+
+SPLIT = {"scorer": {"targets": {"a": {"backend": "t", "model": "classifier", "version": 1, "weight": 90},
+                                "b": {"backend": "t", "model": "classifier", "version": 2, "weight": 10}},
+                    "match": [{"header": "X-Canary", "value": "yes", "target": "b"}],
+                    "sticky": {"header": "x-user"}, "timeout_s": 0.5}}
 
 
 def test_unknown_model_is_not_found_with_tritons_message():
     with pytest.raises(NotFound, match="Request for unknown model: 'nope' is not found"):
-        table().resolve("nope")
+        table(SPLIT).resolve("nope")
 
 
-def test_same_name_needs_no_rewrite_and_uses_backend_timeout():
-    route = table().resolve("double")
-    assert route.request_suffix("") == b"" and route.response_suffix == b"" and route.timeout_s == 7
+def test_single_target_same_name_needs_no_rewrite():
+    route = table({"double": {"target": {"backend": "t", "model": "double"}}}).resolve("double")
+    decision = route.decide("", {}, None)
+    assert decision.suffix == b"" and decision.target.response_suffix == b"" and route.timeout_s == 7
+    assert route.decide("3", {}, None).target.name == "primary"  # unpinned: the client's version passes
 
 
-def test_renamed_and_pinned_route_rewrites_request_and_response():
-    route = table().resolve("scorer")
+def test_renamed_route_rewrites_request_and_response():
+    route = table(SPLIT).resolve("scorer")
     request = pb.ModelInferRequest(model_name="scorer").SerializeToString()
-    sent = pb.ModelInferRequest.FromString(request + route.request_suffix(""))
-    assert (sent.model_name, sent.model_version) == ("classifier", "2")
-    assert pb.ModelInferRequest.FromString(request + route.request_suffix("2")).model_name == "classifier"
-    answer = pb.ModelInferResponse(model_name="classifier").SerializeToString() + route.response_suffix
+    decision = route.decide("", {"x-canary": "yes"}, None)
+    sent = pb.ModelInferRequest.FromString(request + decision.suffix)
+    assert (sent.model_name, sent.model_version, decision.reason) == ("classifier", "2", "pin")
+    answer = pb.ModelInferResponse(model_name="classifier").SerializeToString() + decision.target.response_suffix
     assert pb.ModelInferResponse.FromString(answer).model_name == "scorer"
-    assert route.timeout_s == 0.5
 
 
-def test_pinned_route_refuses_other_versions():
-    with pytest.raises(NotFound, match="'scorer' version 1 is not found"):
-        table().resolve("scorer").request_suffix("1")
+def test_explicit_version_picks_its_target_or_is_not_found():
+    route = table(SPLIT).resolve("scorer")
+    assert route.decide("1", {"x-canary": "yes"}, None).target.name == "a"
+    with pytest.raises(NotFound, match="'scorer' version 3 is not found"):
+        route.decide("3", {}, None)
+
+
+def test_weights_split_traffic_within_three_sigma():
+    route = table({"scorer": {**SPLIT["scorer"], "sticky": None}}).resolve("scorer")
+    n = 20000
+    hits = Counter(route.decide("", {}, None).target.name for _ in range(n))
+    sigma = (n * 0.1 * 0.9) ** 0.5
+    assert abs(hits["b"] - n * 0.1) < 3 * sigma
+
+
+def test_sticky_keys_stay_put_and_move_minimally():
+    before = table(SPLIT).resolve("scorer")
+    keys = [f"user-{i}" for i in range(3000)]
+    first = {k: before.decide("", {"x-user": k}, None).target.name for k in keys}
+    assert all(before.decide("", {"x-user": k}, None).target.name == first[k] for k in keys)
+    assert 0.07 < sum(v == "b" for v in first.values()) / len(keys) < 0.13
+    after = table(SPLIT, {"scorer": RouteState(weights_override={"a": 75, "b": 25})}).resolve("scorer")
+    second = {k: after.decide("", {"x-user": k}, None).target.name for k in keys}
+    moved = [k for k in keys if first[k] != second[k]]
+    assert all(first[k] == "a" and second[k] == "b" for k in moved)  # only a -> b, never back
+    assert 0.10 < len(moved) / len(keys) < 0.20                       # about the 15% the weights moved
+
+
+def test_sticky_parameter_and_blue_green_switch():
+    spec = {"m": {"targets": {"blue": {"backend": "t", "model": "x", "version": 1, "weight": 50},
+                              "green": {"backend": "t", "model": "x", "version": 2, "weight": 50}},
+                  "sticky": {"parameter": "user_id"}, "active": "blue"}}
+    request = pb.ModelInferRequest()
+    request.parameters["user_id"].int64_param = 42
+    assert table(spec).resolve("m").decide("", {}, request).reason == "active"
+    flipped = table(spec, {"m": RouteState(active="green")}).resolve("m")
+    assert {flipped.decide("", {}, request).target.name for _ in range(50)} == {"green"}
+    spec["m"]["active"] = None
+    route = table(spec).resolve("m")
+    assert len({route.decide("", {}, request).target.name for _ in range(50)}) == 1
+
+
+def test_split_pick_is_proportional():
+    split = Split([("a", "a", 30), ("b", "b", 0), ("c", "c", 70)])
+    assert split.items == ["a", "c"] and split.pick(0.29) == "a" and split.pick(0.31) == "c"
+
+
+def test_rollout_weights_share_the_rest_by_file_weight():
+    assert rollout_weights({"a": 100, "b": 0}, "b", 5) == {"a": 95, "b": 5}
+    assert rollout_weights({"a": 60, "b": 30, "c": 10}, "c", 50) == {"a": 34, "b": 16, "c": 50}
+    assert sum(rollout_weights({"a": 33, "b": 33, "c": 34}, "c", 25).values()) == 100
+
+
+ROLLOUT = {"m": {"targets": {"stable": {"backend": "t", "model": "x", "version": 1, "weight": 100},
+                             "canary": {"backend": "t", "model": "x", "version": 2, "weight": 0}},
+                 "rollout": {"target": "canary", "steps": [10, 50, 100], "dwell_s": 5, "min_requests": 20,
+                             "max_error_rate_increase": 0.05, "max_p99_ratio": 2.0}}}
+
+
+class Harness:
+    """A controller over an in-memory table whose commits rebuild the table."""
+
+    def __init__(self) -> None:
+        self.stats: dict = {}
+        self.states: dict = {}
+        self.table = table(ROLLOUT, self.states, self.stats)
+        self.controller = RolloutController(lambda: self.table, lambda: self.states, self.commit)
+
+    def commit(self, states: dict) -> None:
+        self.states = states
+        self.table = table(ROLLOUT, states, self.stats)
+
+    def feed(self, target: str, n: int, ok: bool = True, seconds: float = 0.01) -> None:
+        for _ in range(n):
+            self.stats[("m", target)].record(ok, seconds)
+
+    def age_step(self, seconds: float) -> None:
+        self.states["m"].rollout.since -= seconds
+
+
+def test_rollout_advances_while_gates_hold_then_promotes():
+    h = Harness()
+    h.controller.tick()
+    assert h.table.resolve("m").targets["canary"].weight == 10
+    h.feed("stable", 200)
+    h.feed("canary", 30)
+    h.controller.tick()
+    assert h.states["m"].rollout.step == 0, "dwell not over yet"
+    h.age_step(10)
+    h.controller.tick()
+    assert h.table.resolve("m").targets["canary"].weight == 50
+    for _ in range(2):
+        h.feed("stable", 100)
+        h.feed("canary", 30)
+        h.age_step(10)
+        h.controller.tick()
+    assert h.states["m"].rollout.phase == "promoted" and h.table.resolve("m").targets["canary"].weight == 100
+
+
+@pytest.mark.parametrize("ok, seconds, reason", [(False, 0.01, "error rate"), (True, 0.5, "p99 latency")])
+def test_rollout_rolls_back_on_errors_or_latency(ok, seconds, reason):
+    h = Harness()
+    h.controller.tick()
+    h.feed("stable", 200)
+    h.feed("canary", 25, ok=ok, seconds=seconds)
+    h.controller.tick()
+    status = h.states["m"].rollout
+    assert status.phase == "rolled_back" and reason in status.reason
+    assert h.table.resolve("m").targets["canary"].weight == 0
+
+
+def test_admin_actions():
+    route = table(ROLLOUT).resolve("m")
+    assert _apply(route, RouteState(), "weights", {"weights": {"stable": 70, "canary": 30}}).weights_override == {"stable": 70, "canary": 30}
+    with pytest.raises(_BadRequest, match="summing to 100"):
+        _apply(route, RouteState(), "weights", {"weights": {"stable": 70}})
+    assert _apply(route, RouteState(), "promote", {}).rollout.phase == "promoted"
+    assert _apply(route, RouteState(), "rollback", {}).rollout.phase == "rolled_back"
+    assert _apply(route, RouteState(), "active", {"target": "canary"}).active == "canary"
+    with pytest.raises(_BadRequest, match="one of stable, canary"):
+        _apply(route, RouteState(), "active", {"target": "nope"})
+    assert _apply(route, RouteState(active="canary"), "reset", {}).is_empty()
+
+
+def _answer(values: list[list[float]]) -> pb.ModelInferResponse:
+    array = np.asarray(values, np.float32)
+    answer = pb.ModelInferResponse()
+    answer.outputs.add(name="p", datatype="FP32", shape=list(array.shape))
+    answer.raw_output_contents.append(array.tobytes())
+    return answer
+
+
+def test_shadow_compare_tolerance_and_argmax():
+    a = _answer([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
+    close = _answer([[0.70001, 0.2, 0.1], [0.1, 0.8, 0.1]])
+    flipped = _answer([[0.2, 0.7, 0.1], [0.1, 0.8, 0.1]])
+    assert compare(a, close, Compare(atol=1e-3)).agree
+    assert not compare(a, close, Compare(atol=1e-6)).agree
+    by_argmax = compare(a, flipped, Compare(atol=None, argmax=True))
+    assert not by_argmax.agree and by_argmax.argmax_agree is False and by_argmax.max_abs_diff == pytest.approx(0.5)
+    assert compare(a, close, Compare(atol=None, argmax=True)).agree
+    assert not compare(a, _answer([[0.7, 0.2, 0.1]]), Compare()).agree  # shapes differ

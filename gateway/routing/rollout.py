@@ -1,0 +1,120 @@
+"""The rollout controller: moves a canary through its weight steps while every gate holds, and
+rolls it back to 0% with a logged reason when one does not.
+
+A gate is anything with `check(canary, baseline) -> reason | None` over the outcome windows of
+the current step; the drift issue adds a prediction-distribution gate beside these two.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from gateway.config import Rollout
+from gateway.routing.state import RolloutStatus, RouteState
+from gateway.routing.table import Route, RouteTable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A target's outcomes during the current step."""
+
+    requests: int
+    error_rate: float
+    p99_s: float
+
+
+class Gate(Protocol):
+    def check(self, canary: Window, baseline: Window) -> str | None:
+        """A reason to roll back, or None when the canary is within bounds."""
+
+
+@dataclass(frozen=True)
+class ErrorRateGate:
+    max_increase: float
+
+    def check(self, canary: Window, baseline: Window) -> str | None:
+        if canary.error_rate - baseline.error_rate > self.max_increase:
+            return (f"error rate {canary.error_rate:.1%} vs {baseline.error_rate:.1%} on the primary "
+                    f"(allowed increase {self.max_increase:.1%})")
+        return None
+
+
+@dataclass(frozen=True)
+class LatencyGate:
+    max_ratio: float
+
+    def check(self, canary: Window, baseline: Window) -> str | None:
+        if baseline.p99_s > 0 and canary.p99_s > self.max_ratio * baseline.p99_s:
+            return (f"p99 latency {canary.p99_s * 1000:.1f} ms vs {baseline.p99_s * 1000:.1f} ms on the primary "
+                    f"(allowed ratio {self.max_ratio:g})")
+        return None
+
+
+def gates_for(spec: Rollout) -> list[Gate]:
+    return [ErrorRateGate(spec.max_error_rate_increase), LatencyGate(spec.max_p99_ratio)]
+
+
+class RolloutController:
+    """Evaluates every route with a rollout on a timer; changes are written through `commit`,
+    which persists the new states and rebuilds the route table."""
+
+    def __init__(self, table: Callable[[], RouteTable], states: Callable[[], dict[str, RouteState]],
+                 commit: Callable[[dict[str, RouteState]], None], interval_s: float = 1.0) -> None:
+        self._table = table
+        self._states = states
+        self._commit = commit
+        self.interval_s = interval_s
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the controller must keep running
+                log.exception("rollout tick failed")
+
+    def tick(self) -> None:
+        states = {name: RouteState(s.weights_override, s.active, s.rollout) for name, s in self._states().items()}
+        changed = False
+        for route in self._table().routes.values():
+            if route.spec.rollout is not None:
+                changed |= self._step(route, route.spec.rollout, states.setdefault(route.public, RouteState()))
+        if changed:
+            self._commit(states)
+
+    def _step(self, route: Route, spec: Rollout, state: RouteState) -> bool:
+        if state.rollout is None:
+            state.rollout = RolloutStatus()
+            log.info("rollout %s: %s starts at %d%%", route.public, spec.target, spec.steps[0])
+            return True
+        status = state.rollout
+        if status.phase != "progressing" or state.weights_override is not None or state.active is not None:
+            return False
+        now_wall, now_mono = time.time(), time.monotonic()
+        since = now_mono - (now_wall - status.since)
+        canary = Window(*route.targets[spec.target].stats.window(since))
+        others = [t for name, t in route.targets.items() if name != spec.target]
+        baseline = Window(*max(others, key=lambda t: t.weight).stats.window(since))
+        if canary.requests < spec.min_requests:
+            return False
+        for gate in gates_for(spec):
+            reason = gate.check(canary, baseline)
+            if reason:
+                state.rollout = RolloutStatus(status.step, now_wall, "rolled_back", reason)
+                log.warning("rollout %s: %s rolled back to 0%% at step %d%%: %s",
+                            route.public, spec.target, spec.steps[status.step], reason)
+                return True
+        if now_wall - status.since < spec.dwell_s:
+            return False
+        if status.step + 1 < len(spec.steps):
+            state.rollout = RolloutStatus(status.step + 1, now_wall)
+            log.info("rollout %s: %s advances to %d%%", route.public, spec.target, spec.steps[status.step + 1])
+        else:
+            state.rollout = RolloutStatus(status.step, now_wall, "promoted", "all steps passed")
+            log.info("rollout %s: %s promoted to 100%%", route.public, spec.target)
+        return True

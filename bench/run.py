@@ -75,6 +75,7 @@ class Target:
     urls: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
     description: str = ""
+    model: str = MODEL      # the model name perf_analyzer asks this target for
 
 
 @dataclass
@@ -162,8 +163,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="gateway.yaml the variants start from (its routing file is copied)")
     parser.add_argument("--variant", type=parse_variant, action="append", metavar="NAME=KEY:VALUE,...",
                         help="a gateway variant to bench, e.g. stream=transport:stream,workers:2; repeatable. "
-                             "workers and other top-level keys set the gateway, the rest every backend "
+                             "workers and other top-level keys set the gateway, `model` the public model to "
+                             "measure (default double), the rest every backend "
                              "(default: one variant 'gateway' with the config unchanged)")
+    parser.add_argument("--routing", type=Path, help="routing file for the variants instead of the config's")
     parser.add_argument("--protocols", type=csv_list, default=["grpc", "http"], help="comma list of grpc, http")
     parser.add_argument("--payloads", type=csv_list, default=["64B", "64KiB"], help="comma list of sizes, e.g. 64B,64KiB")
     parser.add_argument("--concurrency", type=int_list, default=[1, 4, 16],
@@ -253,12 +256,16 @@ def wait_ready(process: subprocess.Popen[bytes], grpc_url: str, log: Path, worke
     raise BenchError(f"{log.name}: not ready after {timeout_s:.0f}s:\n{log_tail(log)}")
 
 
-def start_gateway(stack: contextlib.ExitStack, run_dir: Path, base: Path, name: str, overrides: dict[str, Any]) -> Target:
-    """Write the variant's gateway.yaml (free ports, routing copied), check it, start it, wait until ready."""
+def start_gateway(stack: contextlib.ExitStack, run_dir: Path, base: Path, routing: Path | None, name: str,
+                  overrides: dict[str, Any]) -> Target:
+    """Write the variant's gateway.yaml (free ports, routing copied), check it, start it, wait until ready.
+    The override `model` names the public model to measure instead of `double`."""
     cfg = yaml.safe_load(base.read_text())
+    overrides = dict(overrides)
+    model = str(overrides.pop("model", MODEL))
     variant_dir = run_dir / name
     variant_dir.mkdir()
-    shutil.copy(base.parent / cfg.get("routing_file", "routing.yaml"), variant_dir / "routing.yaml")
+    shutil.copy(routing or base.parent / cfg.get("routing_file", "routing.yaml"), variant_dir / "routing.yaml")
     cfg["routing_file"] = "routing.yaml"
     http, grpc, admin = free_ports(3)
     cfg["listeners"] = {"http": {"host": "127.0.0.1", "port": http}, "grpc": {"host": "127.0.0.1", "port": grpc},
@@ -284,7 +291,8 @@ def start_gateway(stack: contextlib.ExitStack, run_dir: Path, base: Path, name: 
     backend = next(iter(cfg["backends"].values()))
     description = f"transport {backend.get('transport', 'unary')}, workers {cfg.get('workers', 1)}"
     return Target(name, urls, process, description + "".join(f", {k} {v}" for k, v in overrides.items()
-                                                             if k not in ("transport", "workers")))
+                                                             if k not in ("transport", "workers"))
+                  + (f", model {model}" if model != MODEL else ""), model)
 
 
 def start_forwarder(stack: contextlib.ExitStack, run_dir: Path) -> Target:
@@ -332,9 +340,9 @@ def triton_requests() -> int:
                    if line.startswith("nv_inference_request_success{") and f'model="{MODEL}"' in line))
 
 
-def perf_analyzer(url: str, case: Case, window_ms: int, csv_path: Path) -> dict[str, str]:
+def perf_analyzer(url: str, case: Case, window_ms: int, csv_path: Path, model: str = MODEL) -> dict[str, str]:
     """Run perf_analyzer once with fixed windows; its CSV row for the case."""
-    command = [str(TRITON_SH), "perf_analyzer", "-m", MODEL, "-u", url, "-i", case.protocol,
+    command = [str(TRITON_SH), "perf_analyzer", "-m", model, "-u", url, "-i", case.protocol,
                "--shape", f"INPUT0:{case.elements}", "--concurrency-range", str(case.concurrency),
                "-s", "1000", "-p", str(window_ms), "-f", str(csv_path)]
     try:
@@ -360,7 +368,7 @@ def measure(target: Target, case: Case, rnd: int, window_ms: int, triton_pid: in
     triton_before = tree_ticks(triton_pid)
     requests_before = triton_requests()
     start = time.monotonic()
-    row = perf_analyzer(target.urls[case.protocol], case, window_ms, csv_path)
+    row = perf_analyzer(target.urls[case.protocol], case, window_ms, csv_path, target.model)
     m.wall_s = time.monotonic() - start
     m.triton_requests = triton_requests() - requests_before
     m.triton_cpu_us = cpu_us(triton_before, tree_ticks(triton_pid))
@@ -490,13 +498,15 @@ def main(argv: list[str] | None = None) -> int:
     with interruptible(), contextlib.ExitStack() as stack:
         triton_pid = ensure_triton(stack)
         targets = [Target("direct", dict(TRITON_URLS), description="Triton")]
-        targets += [start_gateway(stack, run_dir, args.config, name, overrides) for name, overrides in args.variant]
+        targets += [start_gateway(stack, run_dir, args.config, args.routing, name, overrides)
+                    for name, overrides in args.variant]
         if not args.no_forwarder and "grpc" in args.protocols:
             targets.append(start_forwarder(stack, run_dir))
         header = run_header(args, targets, started)
         for target in targets:  # first connections and lazy imports stay out of round 1
             for protocol in target.urls.keys() & set(args.protocols):
-                perf_analyzer(target.urls[protocol], Case(protocol, args.payloads[0], 1), 500, run_dir / "warmup.csv")
+                perf_analyzer(target.urls[protocol], Case(protocol, args.payloads[0], 1), 500, run_dir / "warmup.csv",
+                              target.model)
         for rnd in range(1, args.rounds + 1):
             for case in cases:
                 present = [t for t in targets if case.protocol in t.urls]

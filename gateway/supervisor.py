@@ -7,6 +7,7 @@ the rollout controller.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -18,6 +19,13 @@ import time
 
 log = logging.getLogger(__name__)
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends it SIGTERM (a drain) if the supervisor dies."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
 
 def supervise(argv: list[str], workers: int) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="infergate-metrics-")
@@ -26,7 +34,8 @@ def supervise(argv: list[str], workers: int) -> int:
     stopping = False
 
     def spawn(index: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(command, env=dict(env, INFERGATE_LEADER="1" if index == 0 else "0"))
+        return subprocess.Popen(command, env=dict(env, INFERGATE_LEADER="1" if index == 0 else "0"),
+                                preexec_fn=_die_with_parent)
 
     def forward(signum: int, frame: object) -> None:
         for p in procs:

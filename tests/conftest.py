@@ -128,17 +128,20 @@ class Launcher:
         (directory / "routing.yaml").write_text(yaml.safe_dump({"models": routes or DEFAULT_ROUTES}))
         with open(directory / "gateway.log", "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(directory / "gateway.yaml")],
-                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         gw = Gateway(proc, http, grpc_, admin, directory / "gateway.yaml")
         self.started.append(gw)
         wait_http(f"http://127.0.0.1:{admin}/{'ready' if wait_ready else 'live'}", proc=proc)
         return gw
 
     def close(self) -> None:
+        """Kill every gateway's whole process group (a supervisor and its workers)."""
         for gw in self.started:
-            if gw.proc.poll() is None:
-                gw.proc.kill()
-                gw.proc.wait(10)
+            try:
+                os.killpg(gw.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            gw.proc.wait(10)
 
 
 @pytest.fixture

@@ -88,3 +88,13 @@ def test_workers_share_ports_and_metrics(triton, start_gateway):
     assert metric(gw, "infergate_requests_total", code="OK", model="double", protocol="http") == 20
     assert gw.stop() == 0
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_workers_exit_when_the_supervisor_is_killed(triton, start_gateway):
+    gw = start_gateway(triton.grpc_url, workers=2)
+    workers = psutil.Process(gw.proc.pid).children()
+    assert len(workers) == 2
+    gw.proc.kill()  # SIGKILL: the supervisor cannot forward anything
+    gw.proc.wait(5)
+    _, alive = psutil.wait_procs(workers, timeout=15)  # each got SIGTERM from the kernel
+    assert alive == []

@@ -151,9 +151,54 @@ class Rollout(Strict):
         return v
 
 
+class Feature(Strict):
+    """A named input feature for fallback rules: one column of an input tensor."""
+
+    input: str
+    index: int = Field(default=0, ge=0)
+
+
+class Rule(Strict):
+    """When `when` (a CEL expression over the features) holds, answer `outputs` (one row)."""
+
+    name: str = Field(min_length=1)
+    when: str = "true"
+    outputs: dict[str, list[float | int | bool]]
+
+    @field_validator("when")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        from gateway.fallback import compile_condition
+
+        compile_condition(v)
+        return v
+
+
+class Fallback(Strict):
+    """Ordered rules answering for the model when its backend cannot (unavailable, not ready,
+    missing, or past the deadline); the first rule whose condition holds wins, else `default`."""
+
+    features: dict[str, Feature] = Field(min_length=1)
+    outputs: dict[str, Literal["BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "FP16", "FP32", "FP64"]] = Field(min_length=1)
+    rules: list[Rule] = []
+    default: Rule
+
+    @model_validator(mode="after")
+    def _references(self) -> "Fallback":
+        from gateway.fallback import compile_condition
+
+        for rule in [*self.rules, self.default]:
+            unknown = set(compile_condition(rule.when).variables()) - set(self.features)
+            if unknown:
+                raise ValueError(f"rule {rule.name!r} uses unknown features: {', '.join(sorted(unknown))}")
+            if set(rule.outputs) != set(self.outputs):
+                raise ValueError(f"rule {rule.name!r} must give exactly the outputs {', '.join(self.outputs)}")
+        return self
+
+
 class Route(Strict):
     """One public model: a single `target`, or named `targets` with weights, pins, stickiness,
-    a blue-green `active` switch, shadows and a rollout."""
+    a blue-green `active` switch, shadows, a rollout and fallback rules."""
 
     target: Target | None = None
     targets: dict[str, WeightedTarget] | None = None
@@ -162,6 +207,7 @@ class Route(Strict):
     active: str | None = None
     shadows: list[Shadow] = []
     rollout: Rollout | None = None
+    fallback: Fallback | None = None
     timeout_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")

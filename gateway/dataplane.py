@@ -5,6 +5,7 @@ drift, audit) slot in here, in this order, and nowhere else.
     route    = routes.resolve(call.model)             public name -> route (NOT_FOUND)
     decision = route.decide(version, headers, ...)    version, pin, blue-green, sticky or weight
     response = await target.backend.infer(...)        raw bytes + appended rename, deadline = min(client's, route's)
+      on UNAVAILABLE / NOT_FOUND / DEADLINE_EXCEEDED:  route.fallback.answer(...), marked degraded
     stats / metrics                                   per-target outcomes for rollout gates; counters, latency
     shadows.offer(...)                                sampled shadows run after the answer, off this path
     return response + target.response_suffix          renamed back to the public model
@@ -26,6 +27,9 @@ from gateway.routing.table import Route, RouteTable, Target
 UNKNOWN = "<unknown>"  # metric label for names the routing file does not publish
 # Codes that say the request was bad, not the target: they do not count against a canary.
 _CLIENT_FAULTS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.CANCELLED})
+# Backend failures a route's fallback rules answer for: down or not ready, model missing, too slow.
+_FALLBACK_ON = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED})
+FALLBACK_TARGET = "fallback"  # the target name a rule-engine answer reports
 
 
 @dataclass(slots=True)
@@ -44,8 +48,9 @@ class Call:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    raw: bytes      # the serialized ModelInferResponse, named as the client asked
-    target: str     # the route target that served it (a response header / trailer)
+    raw: bytes          # the serialized ModelInferResponse, named as the client asked
+    target: str         # the route target that served it (a response header / trailer)
+    fallback: str = ""  # the fallback rule(s) that answered instead of the model: a degraded answer
 
 
 class DataPlane:
@@ -76,9 +81,16 @@ class DataPlane:
                                                   call.request_id)
         except GatewayError as e:
             code = e.code.name
-            if target is not None and e.code not in _CLIENT_FAULTS:
+            if target is None:
+                raise
+            if e.code not in _CLIENT_FAULTS:
                 target.stats.record(False, self._clock() - start)
-            raise
+            if route.fallback is None or e.code not in _FALLBACK_ON or call.request is None:
+                raise
+            raw, rules = route.fallback.answer(call.request, route.public)
+            code, target_name = "OK", FALLBACK_TARGET
+            self.metrics.fallback(model, rules, e.code.name)
+            return Answer(raw, FALLBACK_TARGET, rules)
         finally:
             self.metrics.observe(model, target_name, call.protocol, code, self._clock() - start)
         target.stats.record(True, self._clock() - start)

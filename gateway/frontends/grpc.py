@@ -20,6 +20,7 @@ from gateway.protocol.wire import SERVICE, pb, stream_error, stream_response
 log = logging.getLogger(__name__)
 
 TARGET_HEADER = "infergate-target"  # names the route target that served a request
+FALLBACK_HEADER = "infergate-fallback"  # names the fallback rule(s) of a degraded answer
 
 # Triton extensions that hold through the gateway (shared memory and tracing control do not).
 EXTENSIONS = ("classification", "sequence", "model_configuration", "binary_tensor_data", "parameters", "statistics")
@@ -52,7 +53,10 @@ class GrpcFrontend:
 
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         answer = await self.dataplane.infer(_call(raw, context))
-        context.set_trailing_metadata(((TARGET_HEADER, answer.target),))
+        trailers = [(TARGET_HEADER, answer.target)]
+        if answer.fallback:
+            trailers.append((FALLBACK_HEADER, answer.fallback))
+        context.set_trailing_metadata(tuple(trailers))
         return answer.raw
 
     async def model_stream_infer(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:

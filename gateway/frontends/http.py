@@ -12,7 +12,7 @@ from aiohttp import web
 from gateway import __version__
 from gateway.dataplane import Call, DataPlane
 from gateway.errors import GatewayError
-from gateway.frontends.grpc import EXTENSIONS, TARGET_HEADER
+from gateway.frontends.grpc import EXTENSIONS, FALLBACK_HEADER, TARGET_HEADER
 from gateway.protocol import http_codec
 from gateway.protocol.messages import to_json
 from gateway.protocol.wire import pb
@@ -72,6 +72,8 @@ class HttpFrontend:
                                                  "http", request.headers, infer_request))
         out, header_length = http_codec.encode_response(pb.ModelInferResponse.FromString(answer.raw), plan)
         headers = {TARGET_HEADER: answer.target}
+        if answer.fallback:
+            headers[FALLBACK_HEADER] = answer.fallback
         if header_length is None:
             response = web.Response(body=out, content_type="application/json", headers=headers)
         else:

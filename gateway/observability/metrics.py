@@ -26,6 +26,8 @@ class Metrics:
                                      ["model", "target"], buckets=DIFF_BUCKETS)
         self.weights = Gauge("infergate_route_weight", "Live weight (percent) of each route target",
                              ["model", "target"], multiprocess_mode="livemax")
+        self.fallbacks = Counter("infergate_fallback_answers_total", "Answers from fallback rules, by rule and the backend failure",
+                                 ["model", "rule", "cause"])
         self.reloads = Counter("infergate_config_reloads_total", "Routing reloads by result (ok, rejected)", ["result"])
         self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
 
@@ -47,6 +49,9 @@ class Metrics:
             for target in route.targets.values():
                 live = 100 if route.active is target else 0 if route.active is not None else target.weight
                 self.weights.labels(route.public, target.name).set(live)
+
+    def fallback(self, model: str, rules: str, cause: str) -> None:
+        self.fallbacks.labels(model, rules, cause).inc()
 
     def reload(self, result: str) -> None:
         self.reloads.labels(result).inc()

@@ -1,6 +1,6 @@
 """The immutable route table: public model name -> targets, with every per-request decision
 precomputed at config load (the bytes that rename a request for its target and the answer back,
-the weight split, pins, stickiness, the blue-green switch, shadows, timeouts).
+the weight split, pins, stickiness, the blue-green switch, shadows, timeouts, fallback rules).
 
 A reload, an admin change or a rollout step builds a new table and swaps one reference.
 """
@@ -12,6 +12,7 @@ from typing import Mapping
 from gateway.backends.triton import TritonBackend
 from gateway.config import Compare, Route as RouteSpec, RoutingConfig
 from gateway.errors import NotFound
+from gateway.fallback import RuleSet
 from gateway.protocol.wire import override, pb
 from gateway.routing.split import Split
 from gateway.routing.state import RouteState, TargetStats
@@ -62,6 +63,7 @@ class Route:
     sticky_parameter: str | None
     shadows: tuple[ShadowTarget, ...]
     timeout_s: float
+    fallback: RuleSet | None = None
     by_version: dict[str, Target] = field(default_factory=dict)
 
     def decide(self, version: str, headers: Mapping[str, str], request: pb.ModelInferRequest | None) -> Decision:
@@ -144,6 +146,7 @@ def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
             sticky_parameter=spec.sticky.parameter if spec.sticky else None,
             shadows=tuple(ShadowTarget(targets[s.target], s.rate, s.compare) for s in spec.shadows),
             timeout_s=spec.timeout_s or targets[next(iter(targets))].backend.config.request_timeout_s,
+            fallback=RuleSet(spec.fallback) if spec.fallback else None,
             by_version=by_version,
         )
     return RouteTable(routes, config)

@@ -68,7 +68,7 @@ def measure() -> list[tuple[str, float]]:
     async def offers() -> float:
         shadowed = _route(shadows=[{"target": "v2", "rate": 1.0}])
         dispatcher = ShadowDispatcher(Metrics(), queue_size=10**7)
-        call = Call("classifier", "", "", b"", "grpc", {})
+        call = Call("classifier", "", "", b"", "grpc", "bench", {})
         target = shadowed.targets["v1"]
         n = 20000
         return min(timeit.repeat(lambda: dispatcher.offer(shadowed, call, target, b""), number=n, repeat=5)) / n * 1e6

@@ -98,6 +98,21 @@ class WeightedTarget(Target):
     weight: int = Field(default=0, ge=0, le=100)
 
 
+class RateLimit(Strict):
+    """`rate` requests per second on average, bursts of up to `burst`."""
+
+    rate: float = Field(gt=0)
+    burst: int = Field(default=1, ge=1)
+
+
+class Limits(Strict):
+    """Limits across models: all traffic through this gateway process, and each client
+    (its address until identity exists)."""
+
+    global_: RateLimit | None = Field(default=None, alias="global")
+    per_client: RateLimit | None = None
+
+
 class Pin(Strict):
     """Requests whose header (gRPC metadata or HTTP header) equals value always go to target."""
 
@@ -208,6 +223,7 @@ class Route(Strict):
     shadows: list[Shadow] = []
     rollout: Rollout | None = None
     fallback: Fallback | None = None
+    rate_limit: RateLimit | None = None
     timeout_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
@@ -232,6 +248,7 @@ class Route(Strict):
 
 class RoutingConfig(Strict):
     models: dict[str, Route] = Field(min_length=1)
+    limits: Limits = Limits()
 
 
 # ---------------------------------------------------------------- loading

@@ -3,6 +3,7 @@ what happens to it, and frontends encode the answer. Later rooms (security, limi
 drift, audit) slot in here, in this order, and nowhere else.
 
     route    = routes.resolve(call.model)             public name -> route (NOT_FOUND)
+    limits.admit(client, model)                       rate limits: model, client, global (RESOURCE_EXHAUSTED)
     decision = route.decide(version, headers, ...)    version, pin, blue-green, sticky or weight
     response = await target.backend.infer(...)        raw bytes + appended rename, deadline = min(client's, route's)
       on UNAVAILABLE / NOT_FOUND / DEADLINE_EXCEEDED:  route.fallback.answer(...), marked degraded
@@ -41,6 +42,7 @@ class Call:
     request_id: str                     # the client's own id ("" if none): answers carry it back
     raw: bytes                          # the serialized ModelInferRequest, forwarded as is
     protocol: str                       # "grpc" or "http": a metric label
+    client: str                         # the caller's address: the per-client rate-limit key
     headers: Mapping[str, str]          # gRPC metadata or HTTP headers, lower-case names
     request: pb.ModelInferRequest | None = None   # the parsed form, for parameters
     time_remaining: float | None = None  # the client's deadline, seconds from now
@@ -72,8 +74,11 @@ class DataPlane:
         model, target_name, code = UNKNOWN, UNKNOWN, "OK"
         target: Target | None = None
         try:
-            route = self.routes.resolve(call.model)
+            routes = self.routes
+            route = routes.resolve(call.model)
             model = route.public
+            if route.limited:
+                await routes.limits.admit(call.client, model, route.bucket)
             decision = route.decide(call.version, call.headers, call.request)
             target = decision.target
             target_name = target.name

@@ -1,6 +1,8 @@
 """Typed errors and the one table that maps them to gRPC status codes and HTTP statuses."""
 from __future__ import annotations
 
+import math
+
 import grpc
 
 # gRPC code -> HTTP status, as Triton's HTTP frontend answers for the same failure.
@@ -39,6 +41,10 @@ class GatewayError(Exception):
     def http_status(self) -> int:
         return http_status(self.code)
 
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (HTTP) or trailing metadata (gRPC) this error carries."""
+        return {}
+
 
 class InvalidArgument(GatewayError):
     code = grpc.StatusCode.INVALID_ARGUMENT
@@ -50,6 +56,19 @@ class NotFound(GatewayError):
 
 class Unavailable(GatewayError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(GatewayError):
+    """Over a limit: the caller may retry after retry_after_s seconds."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class DeadlineExceeded(GatewayError):

@@ -139,8 +139,13 @@ def _call(raw: bytes, context: grpc.aio.ServicerContext) -> Call:
         request = pb.ModelInferRequest.FromString(raw)
     except DecodeError as e:
         raise InvalidArgument(f"malformed ModelInferRequest: {e}") from None
-    return Call(request.model_name, request.model_version, request.id, raw, "grpc", _Metadata(context),  # type: ignore[arg-type]
-                request, context.time_remaining())
+    return Call(request.model_name, request.model_version, request.id, raw, "grpc", _client(context.peer()),
+                _Metadata(context), request, context.time_remaining())  # type: ignore[arg-type]
+
+
+def _client(peer: str) -> str:
+    """'ipv4:10.0.0.7:51234' -> 'ipv4:10.0.0.7': the address without the port."""
+    return peer.rpartition(":")[0] or peer
 
 
 def _guarded(fn: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -149,7 +154,7 @@ def _guarded(fn: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> C
         try:
             return await fn(request, context)
         except GatewayError as e:
-            await context.abort(e.code, e.message)
+            await context.abort(e.code, e.message, tuple((k.lower(), v) for k, v in e.headers().items()))
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def json_response(doc: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
+def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json", headers=headers)
 
 
 @web.middleware
@@ -31,7 +31,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except GatewayError as e:
-        return json_response({"error": e.message}, e.http_status)
+        return json_response({"error": e.message}, e.http_status, e.headers())
     except web.HTTPException:
         raise
     except Exception:
@@ -69,7 +69,7 @@ class HttpFrontend:
         infer_request, plan = http_codec.decode_request(
             body, request.headers.get(http_codec.HEADER_LENGTH), model, version)
         answer = await self.dataplane.infer(Call(model, version, infer_request.id, infer_request.SerializeToString(),
-                                                 "http", request.headers, infer_request))
+                                                 "http", request.remote or "", request.headers, infer_request))
         out, header_length = http_codec.encode_response(pb.ModelInferResponse.FromString(answer.raw), plan)
         headers = {TARGET_HEADER: answer.target}
         if answer.fallback:

@@ -9,10 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from aiolimiter import AsyncLimiter
+
 from gateway.backends.triton import TritonBackend
 from gateway.config import Compare, Route as RouteSpec, RoutingConfig
 from gateway.errors import NotFound
 from gateway.fallback import RuleSet
+from gateway.resilience.limits import Limits, bucket
 from gateway.protocol.wire import override, pb
 from gateway.routing.split import Split
 from gateway.routing.state import RouteState, TargetStats
@@ -64,6 +67,8 @@ class Route:
     shadows: tuple[ShadowTarget, ...]
     timeout_s: float
     fallback: RuleSet | None = None
+    bucket: AsyncLimiter | None = None    # this model's rate limit
+    limited: bool = False                 # any rate limit applies (model, client or global)
     by_version: dict[str, Target] = field(default_factory=dict)
 
     def decide(self, version: str, headers: Mapping[str, str], request: pb.ModelInferRequest | None) -> Decision:
@@ -100,11 +105,12 @@ class Route:
 
 
 class RouteTable:
-    """All published models; `resolve` is the only lookup on the request path."""
+    """All published models and the limits across them; `resolve` is the only lookup on the request path."""
 
-    def __init__(self, routes: Mapping[str, Route], config: RoutingConfig) -> None:
+    def __init__(self, routes: Mapping[str, Route], config: RoutingConfig, limits: Limits) -> None:
         self.routes = dict(routes)
         self.config = config
+        self.limits = limits
 
     def resolve(self, public: str) -> Route:
         route = self.routes.get(public)
@@ -117,6 +123,7 @@ def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
                    states: Mapping[str, RouteState], stats: dict[tuple[str, str], TargetStats]) -> RouteTable:
     """Build the table from the file's routes and the live state (admin overrides, rollout steps).
     config.load has already checked every reference."""
+    limits = Limits(config.limits.global_, config.limits.per_client)
     routes = {}
     for public, spec in config.models.items():
         state = states.get(public) or RouteState()
@@ -147,6 +154,8 @@ def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
             shadows=tuple(ShadowTarget(targets[s.target], s.rate, s.compare) for s in spec.shadows),
             timeout_s=spec.timeout_s or targets[next(iter(targets))].backend.config.request_timeout_s,
             fallback=RuleSet(spec.fallback) if spec.fallback else None,
+            bucket=bucket(spec.rate_limit) if spec.rate_limit else None,
+            limited=limits.applies(spec.rate_limit),
             by_version=by_version,
         )
-    return RouteTable(routes, config)
+    return RouteTable(routes, config, limits)

@@ -64,6 +64,7 @@ class GatewayConfig(Strict):
     drain_timeout_s: float = Field(default=10.0, ge=0)
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     routing_file: str = "routing.yaml"
+    state_file: str = Field(default="", description="runtime overrides; default: <routing file>.state.json beside it")
     backends: dict[str, Backend] = Field(min_length=1)
 
 
@@ -281,6 +282,13 @@ class Loaded:
     gateway_path: Path
     routing_path: Path
 
+    @property
+    def state_path(self) -> Path:
+        """Where runtime overrides live: state_file (relative to gateway.yaml) or beside the routing file."""
+        if self.gateway.state_file:
+            return (self.gateway_path.parent / self.gateway.state_file).absolute()
+        return self.routing_path.with_name(self.routing_path.name + ".state.json")
+
 
 class _Document:
     """A YAML file's plain data plus the line of every value and key, by path."""
@@ -308,6 +316,10 @@ class _Document:
             out: dict[Any, Any] = {}
             for key_node, value_node in node.value:
                 key = self._build(key_node, loc + ("<key>",))
+                if not isinstance(key, (str, int, float, bool)) and key is not None:
+                    self.problems.append(Problem(self.file, key_node.start_mark.line + 1,
+                                                 f"{_dotted(loc)}: a key must be a plain value, got {type(key).__name__}"))
+                    continue
                 if key in out:
                     self.problems.append(Problem(self.file, key_node.start_mark.line + 1,
                                                  f"{_dotted(loc + (key,))}: duplicate key {key!r}"))
@@ -316,7 +328,11 @@ class _Document:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self._build(item, loc + (i,)) for i, item in enumerate(node.value)]
-        return _SCALARS.construct_object(node)  # int, float, bool, str, null by YAML 1.1 rules
+        try:
+            return _SCALARS.construct_object(node)  # int, float, bool, str, null by YAML 1.1 rules
+        except (ValueError, TypeError, yaml.YAMLError) as e:
+            self.problems.append(Problem(self.file, node.start_mark.line + 1, f"{_dotted(loc)}: cannot read value: {e}"))
+            return None
 
     def line(self, loc: Loc, key: bool = False) -> int:
         """Line of the deepest known part of loc (the key itself for unknown-key errors)."""
@@ -384,9 +400,11 @@ def _dotted(loc: Loc) -> str:
 
 def _read(path: Path) -> _Document:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([Problem(str(path), 0, f"cannot read: {e.strerror}")]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([Problem(str(path), 1, f"not UTF-8 text: {e.reason} at byte {e.start}")]) from None
     return _Document(path, text)
 
 
@@ -395,7 +413,8 @@ def load(gateway_path: str | Path) -> Loaded:
     gateway_path = Path(gateway_path)
     gateway_doc = _read(gateway_path)
     gateway = gateway_doc.parse(GatewayConfig)
-    routing_path = (gateway_path.parent / gateway.routing_file).resolve()
+    # absolute, not resolved: a Kubernetes ConfigMap swaps a symlink, and the link is what to watch
+    routing_path = (gateway_path.parent / gateway.routing_file).absolute()
     if not routing_path.is_file():
         line = gateway_doc.line(("routing_file",))
         raise ConfigError([Problem(gateway_doc.file, line, f"routing_file: no such file {str(routing_path)!r}")])

@@ -13,6 +13,7 @@ drift, audit) slot in here, in this order, and nowhere else.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -82,13 +83,13 @@ class DataPlane:
             decision = route.decide(call.version, call.headers, call.request)
             target = decision.target
             target_name = target.name
-            response = await target.backend.infer(call.raw + decision.suffix, _timeout(route, call.time_remaining),
+            response = await target.backend.infer(call.raw + decision.suffix, _timeout(target, call.time_remaining),
                                                   call.request_id)
         except GatewayError as e:
             code = e.code.name
             if target is None:
                 raise
-            if e.code not in _CLIENT_FAULTS:
+            if route.tracks_outcomes and e.code not in _CLIENT_FAULTS:
                 target.stats.record(False, self._clock() - start)
             if route.fallback is None or e.code not in _FALLBACK_ON or call.request is None:
                 raise
@@ -96,9 +97,16 @@ class DataPlane:
             code, target_name = "OK", FALLBACK_TARGET
             self.metrics.fallback(model, rules, e.code.name)
             return Answer(raw, FALLBACK_TARGET, rules)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
         finally:
             self.metrics.observe(model, target_name, call.protocol, code, self._clock() - start)
-        target.stats.record(True, self._clock() - start)
+        if route.tracks_outcomes:
+            target.stats.record(True, self._clock() - start)
         if route.shadows:
             self.shadows.offer(route, call, target, response)
         return Answer(response + target.response_suffix, target_name)
@@ -129,8 +137,9 @@ class DataPlane:
         return answer
 
     async def model_ready(self, model: str, version: str) -> bool:
-        _, target, version = self._target(model, version)
+        """False, as Triton answers, for an unknown model or version too."""
         try:
+            _, target, version = self._target(model, version)
             answer = await target.backend.call("ModelReady", pb.ModelReadyRequest(name=target.model, version=version))
         except GatewayError:
             return False
@@ -166,15 +175,16 @@ class DataPlane:
         return answer
 
     def ready(self) -> bool:
-        """Ready while every backend a route uses answered its last health probe."""
+        """Ready while every route has a target whose backend answered its last health probe
+        (a canary's or shadow's backend being down does not take the gateway out of service)."""
         return self.routes is not None and all(
-            t.backend.healthy for route in self.routes.routes.values() for t in route.targets.values())
+            any(t.backend.healthy for t in route.targets.values()) for route in self.routes.routes.values())
 
 
-def _timeout(route: Route, client_remaining: float | None) -> float:
-    """The backend call's timeout: the route's, or the client's deadline when that is sooner."""
+def _timeout(target: Target, client_remaining: float | None) -> float:
+    """The backend call's timeout: the target's, or the client's deadline when that is sooner."""
     if client_remaining is None:
-        return route.timeout_s
+        return target.timeout_s
     if client_remaining <= 0:
         raise DeadlineExceeded("Deadline Exceeded")
-    return min(client_remaining, route.timeout_s)
+    return min(client_remaining, target.timeout_s)

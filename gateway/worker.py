@@ -45,10 +45,10 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool) -> None:
     shadows = ShadowDispatcher(metrics)
     shadows.start()
     dataplane = DataPlane(metrics, shadows)
-    live = LiveRouting(cfg, loaded.routing_path, backends, metrics, dataplane.swap, leader)
+    live = LiveRouting(loaded, backends, metrics, dataplane.swap)
     background = [asyncio.create_task(live.watch())]
     if leader:
-        controller = RolloutController(lambda: live.table, lambda: live.states, live.commit)
+        controller = RolloutController(lambda: live.table, lambda: live.states, live.update)
         background.append(asyncio.create_task(controller.run()))
     lifecycle = _Lifecycle(dataplane)
 

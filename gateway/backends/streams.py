@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 
 import grpc
 
-from gateway.errors import Unavailable
+from gateway.errors import DeadlineExceeded, Unavailable
 from gateway.protocol.wire import SERVICE, override, pb, varint
 
 log = logging.getLogger(__name__)
@@ -49,13 +49,20 @@ class StreamPool:
             stream = self._streams[i] = _Stream(self._open[i % len(self._open)]())
         key = f"ig{next(self._ids)}"
         future = stream.send(key, payload + override(pb.ModelInferRequest, id=key))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
             async with asyncio.timeout(timeout):
                 answer = await future
+        except TimeoutError:
+            raise DeadlineExceeded("Deadline Exceeded") from None
         finally:
             stream.pending.pop(key, None)
         if answer is None:  # Triton refused it: ask again over unary for the exact code and message
-            return await self._fallback(payload, timeout)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise DeadlineExceeded("Deadline Exceeded")
+            return await self._fallback(payload, remaining)
         return _with_id(answer, request_id)
 
     async def close(self) -> None:

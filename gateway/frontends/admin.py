@@ -1,9 +1,9 @@
 """The admin listener: Prometheus metrics, liveness and readiness, and the routing admin API.
 
 Routing changes made here are runtime overrides, not edits of routing.yaml: they are kept in
-`<routing file>.state.json` (so every worker applies them), shown as overrides by
-`GET /admin/routes` and `infergate routes`, and dropped for a route when its entry in the
-routing file changes.
+the state file (`state_file`, by default `<routing file>.state.json`) so every worker applies
+them, shown as overrides by `GET /admin/routes` and `infergate routes`, and dropped for a route
+when its entry in the routing file changes.
 """
 from __future__ import annotations
 
@@ -72,11 +72,11 @@ def app(is_ready: Callable[[], bool], live: LiveRouting) -> web.Application:
             body = orjson.loads(await request.read() or b"{}")
             if not isinstance(body, dict):
                 raise _BadRequest("body must be a JSON object")
-            states = dict(live.states)
-            states[model] = _apply(route, RouteState(**vars(states.get(model) or RouteState())), action, body)
+            live.update(model, lambda state: _apply(route, state, action, body))
         except (orjson.JSONDecodeError, _BadRequest) as e:
             return json_response({"error": str(e)}, 400)
-        live.commit(states)
+        except OSError as e:
+            return json_response({"error": f"cannot persist the change to {live.state_file.path}: {e}"}, 503)
         return json_response(describe(live.table.routes[model], live.states.get(model)))
 
     application = web.Application()

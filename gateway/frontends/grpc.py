@@ -19,6 +19,7 @@ from gateway.protocol.wire import SERVICE, pb, stream_error, stream_response
 
 log = logging.getLogger(__name__)
 
+STREAM_IN_FLIGHT = 64  # requests of one ModelStreamInfer stream running at once
 TARGET_HEADER = "infergate-target"  # names the route target that served a request
 FALLBACK_HEADER = "infergate-fallback"  # names the fallback rule(s) of a degraded answer
 
@@ -60,9 +61,13 @@ class GrpcFrontend:
         return answer.raw
 
     async def model_stream_infer(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        """Each request on the stream runs concurrently; answers go back as they finish, errors
-        as in-stream error messages carrying the request id, as Triton does."""
+        """Requests on the stream run concurrently (at most STREAM_IN_FLIGHT at once, which keeps
+        gRPC's flow control working); answers go back as they finish, errors as in-stream error
+        messages carrying the request id, as Triton does. When the client goes away, the requests
+        still running are cancelled."""
         answers: asyncio.Queue[bytes | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
+        pending: set[asyncio.Task[None]] = set()
 
         async def one(raw: bytes) -> None:
             call = None
@@ -74,11 +79,13 @@ class GrpcFrontend:
                     log.exception("stream request failed")
                 message = e.message if isinstance(e, GatewayError) else "internal gateway error"
                 answers.put_nowait(stream_error(message, call.request_id if call is not None else ""))
+            finally:
+                slots.release()
 
         async def read_all() -> None:
-            pending: set[asyncio.Task[None]] = set()
             try:
                 async for raw in requests:
+                    await slots.acquire()
                     task = asyncio.create_task(one(raw))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
@@ -93,6 +100,8 @@ class GrpcFrontend:
                 yield answer
         finally:
             reader.cancel()
+            for task in pending:
+                task.cancel()
 
     async def server_live(self, request: Any, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)

@@ -126,7 +126,10 @@ def _set_params(target: Any, params: dict[str, Any]) -> None:
         if isinstance(value, bool):
             p.bool_param = value
         elif isinstance(value, int):
-            p.int64_param = value
+            if value < 2**63:
+                p.int64_param = value
+            else:  # orjson reads larger integers than uint64 as floats
+                p.uint64_param = value
         elif isinstance(value, float):
             p.double_param = value
         elif isinstance(value, str):

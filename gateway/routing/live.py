@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Callable, Mapping
 
 from gateway import config
 from gateway.backends.triton import TritonBackend
 from gateway.observability.metrics import Metrics
-from gateway.routing.state import RouteState, StateFile, TargetStats
+from gateway.routing.state import RouteState, StateFile, TargetStats, signature, spec_hash
 from gateway.routing.table import RouteTable, compile_routes
 
 log = logging.getLogger(__name__)
@@ -20,20 +19,20 @@ log = logging.getLogger(__name__)
 class LiveRouting:
     """Owns the current RouteTable and hands each new one to `on_swap` (the dataplane)."""
 
-    def __init__(self, gateway: config.GatewayConfig, routing_path: Path, backends: Mapping[str, TritonBackend],
-                 metrics: Metrics, on_swap: Callable[[RouteTable], None], leader: bool) -> None:
-        self.gateway = gateway
-        self.routing_path = routing_path
+    def __init__(self, loaded: config.Loaded, backends: Mapping[str, TritonBackend], metrics: Metrics,
+                 on_swap: Callable[[RouteTable], None]) -> None:
+        self.gateway = loaded.gateway
+        self.routing_path = loaded.routing_path
         self.backends = backends
         self.metrics = metrics
-        self.leader = leader   # the one process that persists state changes it did not make itself
-        self.state_file = StateFile(routing_path)
+        self.state_file = StateFile(loaded.state_path)
         self.stats: dict[tuple[str, str], TargetStats] = {}
         self._on_swap = on_swap
-        # Modification times first, then the reads: an edit in between is seen as a change.
-        self._seen = (self._mtime(routing_path), self.state_file.mtime())
-        self.states: dict[str, RouteState] = self.state_file.load()
-        self.table = self._build(config.load_routing(routing_path, gateway))
+        # Signatures first, then the reads: an edit in between is seen as a change.
+        self._seen = (signature(self.routing_path), signature(self.state_file.path))
+        routing = config.load_routing(self.routing_path, self.gateway)
+        self.states = self._current(routing, self._saved())
+        self.table = self._build(routing)
 
     def _build(self, routing: config.RoutingConfig) -> RouteTable:
         table = compile_routes(routing, self.backends, self.states, self.stats)
@@ -41,6 +40,19 @@ class LiveRouting:
         self._on_swap(table)
         self.metrics.route_weights(table)
         return table
+
+    def _saved(self) -> dict[str, RouteState]:
+        try:
+            return self.state_file.load()
+        except (OSError, ValueError, TypeError) as e:
+            log.error("state file %s is unreadable (%s); running without runtime overrides", self.state_file.path, e)
+            return {}
+
+    @staticmethod
+    def _current(routing: config.RoutingConfig, states: dict[str, RouteState]) -> dict[str, RouteState]:
+        """Only states made for the route entries in force: an edited (or removed) route loses its overrides."""
+        hashes = {name: spec_hash(spec) for name, spec in routing.models.items()}
+        return {name: s for name, s in states.items() if hashes.get(name) == s.spec_hash}
 
     def reload(self, reason: str = "file changed") -> bool:
         """Re-read the routing file; on any problem keep the current table and say why."""
@@ -52,42 +64,43 @@ class LiveRouting:
             return False
         old = self.table.config.models
         changed = [name for name, spec in routing.models.items() if old.get(name) != spec]
-        self.states = {name: s for name, s in self.state_file.load().items() if name not in changed}
-        if changed and self.leader:
-            self._save()
+        self.states = self._current(routing, self._saved())
         self._build(routing)
         self.metrics.reload("ok")
         log.info("routing reloaded (%s): %d models; changed: %s", reason, len(routing.models), ", ".join(changed) or "none")
         return True
 
-    def commit(self, states: dict[str, RouteState]) -> None:
-        """Apply and persist new live state (admin calls, rollout steps); every worker follows."""
-        self.states = states
-        self._save()
+    def update(self, model: str, change: Callable[[RouteState], RouteState]) -> None:
+        """Change one route's live state (admin calls, rollout steps), persist it, and apply it;
+        every worker follows. `change` may raise to refuse; nothing is written then."""
+        spec = self.table.routes[model].spec
+
+        def stamped(state: RouteState) -> RouteState:
+            if state.spec_hash != spec_hash(spec):
+                state = RouteState()  # a leftover from an earlier entry of this route
+            new = change(state)
+            new.spec_hash = spec_hash(spec)
+            return new
+
+        self.states = self._current(self.table.config, self.state_file.update(model, stamped))
+        self._seen = (self._seen[0], signature(self.state_file.path))
         self._build(self.table.config)
 
-    def _save(self) -> None:
-        self.state_file.save(self.states)
-        self._seen = (self._seen[0], self.state_file.mtime())
-
     async def watch(self, interval_s: float = 0.25) -> None:
-        """Poll both files' modification times; reload on change."""
+        """Poll both files' signatures; reload on change. Never dies: a failure is logged and retried."""
         while True:
             await asyncio.sleep(interval_s)
-            seen = (self._mtime(self.routing_path), self.state_file.mtime())
-            if seen == self._seen:
-                continue
-            routing_changed = seen[0] != self._seen[0]
-            self._seen = seen
-            if routing_changed:
-                self.reload()
-            else:
-                self.states = self.state_file.load()
-                self._build(self.table.config)
-
-    @staticmethod
-    def _mtime(path: Path) -> float:
-        try:
-            return path.stat().st_mtime_ns
-        except FileNotFoundError:
-            return 0.0
+            try:
+                seen = (signature(self.routing_path), signature(self.state_file.path))
+                if seen == self._seen:
+                    continue
+                routing_changed = seen[0] != self._seen[0]
+                self._seen = seen
+                if routing_changed:
+                    self.reload()
+                else:
+                    self.states = self._current(self.table.config, self._saved())
+                    self._build(self.table.config)
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one bad file
+                log.exception("routing watch failed; the previous routes stay in force")
+                self.metrics.reload("rejected")

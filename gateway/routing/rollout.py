@@ -60,14 +60,14 @@ def gates_for(spec: Rollout) -> list[Gate]:
 
 
 class RolloutController:
-    """Evaluates every route with a rollout on a timer; changes are written through `commit`,
-    which persists the new states and rebuilds the route table."""
+    """Evaluates every route with a rollout on a timer; a change of one route's rollout goes
+    through `update(model, change)`, which persists it and rebuilds the route table."""
 
     def __init__(self, table: Callable[[], RouteTable], states: Callable[[], dict[str, RouteState]],
-                 commit: Callable[[dict[str, RouteState]], None], interval_s: float = 1.0) -> None:
+                 update: Callable[[str, Callable[[RouteState], RouteState]], None], interval_s: float = 1.0) -> None:
         self._table = table
         self._states = states
-        self._commit = commit
+        self._update = update
         self.interval_s = interval_s
 
     async def run(self) -> None:
@@ -79,42 +79,43 @@ class RolloutController:
                 log.exception("rollout tick failed")
 
     def tick(self) -> None:
-        states = {name: RouteState(s.weights_override, s.active, s.rollout) for name, s in self._states().items()}
-        changed = False
-        for route in self._table().routes.values():
-            if route.spec.rollout is not None:
-                changed |= self._step(route, route.spec.rollout, states.setdefault(route.public, RouteState()))
-        if changed:
-            self._commit(states)
+        for route in list(self._table().routes.values()):
+            if route.spec.rollout is None:
+                continue
+            status = self._next(route, route.spec.rollout, self._states().get(route.public) or RouteState())
+            if status is not None:
+                self._update(route.public, lambda state, status=status: _with_rollout(state, status))
 
-    def _step(self, route: Route, spec: Rollout, state: RouteState) -> bool:
+    def _next(self, route: Route, spec: Rollout, state: RouteState) -> RolloutStatus | None:
+        """The rollout's next status, or None when it stays as it is."""
         if state.rollout is None:
-            state.rollout = RolloutStatus()
             log.info("rollout %s: %s starts at %d%%", route.public, spec.target, spec.steps[0])
-            return True
+            return RolloutStatus()
         status = state.rollout
         if status.phase != "progressing" or state.weights_override is not None or state.active is not None:
-            return False
+            return None
         now_wall, now_mono = time.time(), time.monotonic()
         since = now_mono - (now_wall - status.since)
         canary = Window(*route.targets[spec.target].stats.window(since))
         others = [t for name, t in route.targets.items() if name != spec.target]
         baseline = Window(*max(others, key=lambda t: t.weight).stats.window(since))
         if canary.requests < spec.min_requests:
-            return False
+            return None
         for gate in gates_for(spec):
             reason = gate.check(canary, baseline)
             if reason:
-                state.rollout = RolloutStatus(status.step, now_wall, "rolled_back", reason)
                 log.warning("rollout %s: %s rolled back to 0%% at step %d%%: %s",
                             route.public, spec.target, spec.steps[status.step], reason)
-                return True
+                return RolloutStatus(status.step, now_wall, "rolled_back", reason)
         if now_wall - status.since < spec.dwell_s:
-            return False
+            return None
         if status.step + 1 < len(spec.steps):
-            state.rollout = RolloutStatus(status.step + 1, now_wall)
             log.info("rollout %s: %s advances to %d%%", route.public, spec.target, spec.steps[status.step + 1])
-        else:
-            state.rollout = RolloutStatus(status.step, now_wall, "promoted", "all steps passed")
-            log.info("rollout %s: %s promoted to 100%%", route.public, spec.target)
-        return True
+            return RolloutStatus(status.step + 1, now_wall)
+        log.info("rollout %s: %s promoted to 100%%", route.public, spec.target)
+        return RolloutStatus(status.step, now_wall, "promoted", "all steps passed")
+
+
+def _with_rollout(state: RouteState, status: RolloutStatus) -> RouteState:
+    state.rollout = status
+    return state

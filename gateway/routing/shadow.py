@@ -47,10 +47,14 @@ def compare(primary: pb.ModelInferResponse, shadow: pb.ModelInferResponse, rule:
         if dtype is None:  # BYTES and the like: equal or not
             worst = max(worst, 0.0 if mine == other[1] else float("inf"))
             continue
-        a = np.frombuffer(mine, dtype).reshape(tuple(tensor.shape)).astype(np.float64)
-        b = np.frombuffer(other[1], dtype).reshape(tuple(tensor.shape)).astype(np.float64)
+        a, b = np.frombuffer(mine, dtype).astype(np.float64), np.frombuffer(other[1], dtype).astype(np.float64)
+        if a.size != b.size or a.size != int(np.prod(tensor.shape)):
+            return Comparison(False, float("inf"), False if rule.argmax else None)
+        a, b = a.reshape(tuple(tensor.shape)), b.reshape(tuple(tensor.shape))
         if a.size:
-            worst = max(worst, float(np.max(np.abs(a - b))))
+            diff = np.abs(a - b)
+            both_nan = np.isnan(a) & np.isnan(b)  # NaN where the primary has NaN too is agreement
+            worst = max(worst, float("inf") if np.isnan(diff[~both_nan]).any() else float(np.max(diff, initial=0.0, where=~both_nan)))
             if rule.argmax and a.ndim:
                 argmax_ok = argmax_ok and bool(np.array_equal(a.argmax(axis=-1), b.argmax(axis=-1)))
     agree = (rule.atol is None or worst <= rule.atol) and (argmax_ok or not rule.argmax)
@@ -93,7 +97,7 @@ class ShadowDispatcher:
     async def _run(self, route: Route, shadow: ShadowTarget, call: Call, primary: bytes) -> None:
         target = shadow.target
         try:
-            answer = await target.backend.infer(call.raw + target.default_suffix, route.timeout_s, call.request_id)
+            answer = await target.backend.infer(call.raw + target.default_suffix, target.timeout_s, call.request_id)
         except GatewayError as e:
             self.metrics.shadow(route.public, target.name, "error")
             log.debug("shadow %s/%s failed: %s", route.public, target.name, e.message)

@@ -3,6 +3,8 @@ kept in a small JSON file beside the routing file so every worker applies the sa
 per-target outcome windows that the rollout gates read."""
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -10,11 +12,12 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from gateway.config import Route as RouteSpec
 
-RolloutPhase = Literal["progressing", "promoted", "rolled_back", "paused"]
+RolloutPhase = Literal["progressing", "promoted", "rolled_back"]
+Signature = tuple[int, int, int] | None   # (inode, mtime ns, size): a file changed when this does
 
 
 @dataclass
@@ -32,11 +35,12 @@ class RouteState:
     weights_override: dict[str, int] | None = None
     active: str | None = None
     rollout: RolloutStatus | None = None
+    spec_hash: str = ""     # the route's file entry this state was made for; another entry drops it
 
     def weights(self, spec: RouteSpec) -> dict[str, int]:
         """Live weights: an admin override, else the rollout's current step, else the file's."""
         file_weights = {name: t.weight for name, t in spec.named_targets().items()}
-        if self.weights_override is not None:
+        if self.weights_override is not None and set(self.weights_override) <= set(file_weights):
             return {name: self.weights_override.get(name, 0) for name in file_weights}
         if spec.rollout is None:
             return file_weights
@@ -46,6 +50,19 @@ class RouteState:
 
     def is_empty(self) -> bool:
         return self.weights_override is None and self.active is None and self.rollout is None
+
+
+def spec_hash(spec: RouteSpec) -> str:
+    """A short digest of a route's entry in the routing file."""
+    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
+
+
+def signature(path: Path) -> Signature:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def rollout_weights(file_weights: dict[str, int], canary: str, percent: int) -> dict[str, int]:
@@ -62,31 +79,44 @@ def rollout_weights(file_weights: dict[str, int], canary: str, percent: int) -> 
 
 
 class StateFile:
-    """Route states as JSON next to the routing file; written atomically, read on change."""
+    """Route states as JSON; every change is a read-modify-write of one route under an exclusive
+    lock, so workers changing different routes (or the same one) never lose each other's writes."""
 
-    def __init__(self, routing_path: Path) -> None:
-        self.path = routing_path.with_name(routing_path.name + ".state.json")
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock_path = path.with_name(f".{path.name}.lock")
 
     def load(self) -> dict[str, RouteState]:
+        """The saved states; an unreadable or malformed file counts as empty (and is logged by the caller)."""
         try:
             raw = json.loads(self.path.read_text())
+            return {name: RouteState(weights_override=s.get("weights_override"), active=s.get("active"),
+                                     rollout=RolloutStatus(**s["rollout"]) if s.get("rollout") else None,
+                                     spec_hash=s.get("spec_hash", ""))
+                    for name, s in raw.items()}
         except FileNotFoundError:
             return {}
-        return {name: RouteState(weights_override=s.get("weights_override"), active=s.get("active"),
-                                 rollout=RolloutStatus(**s["rollout"]) if s.get("rollout") else None)
-                for name, s in raw.items()}
 
-    def save(self, states: dict[str, RouteState]) -> None:
+    def update(self, model: str, change: Callable[[RouteState], RouteState]) -> dict[str, RouteState]:
+        """Apply change to one route's saved state, atomically across processes; all states after."""
+        with open(self._lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            states = self.load()
+            states[model] = change(states.get(model) or RouteState())
+            self._write(states)
+        return states
+
+    def replace(self, states: dict[str, RouteState]) -> None:
+        """Write these states whole (after a reload dropped stale ones)."""
+        with open(self._lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._write(states)
+
+    def _write(self, states: dict[str, RouteState]) -> None:
         doc = {name: asdict(s) for name, s in states.items() if not s.is_empty()}
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
         os.replace(tmp, self.path)
-
-    def mtime(self) -> float:
-        try:
-            return self.path.stat().st_mtime_ns
-        except FileNotFoundError:
-            return 0.0
 
 
 class TargetStats:

@@ -30,6 +30,7 @@ class Target:
     model: str
     version: str            # "" lets the client (or Triton's version policy) choose
     weight: int             # the live weight (file, overridden by admin or rollout)
+    timeout_s: float        # the route's timeout_s, else this target's backend's request_timeout_s
     name_suffix: bytes      # appended to a request: sets the backend's model name
     default_suffix: bytes   # the same plus this target's version, for requests naming none
     response_suffix: bytes  # appended to an answer: restores the public model name
@@ -65,7 +66,7 @@ class Route:
     sticky_header: str | None
     sticky_parameter: str | None
     shadows: tuple[ShadowTarget, ...]
-    timeout_s: float
+    tracks_outcomes: bool                 # a rollout reads per-target outcomes: record them
     fallback: RuleSet | None = None
     bucket: AsyncLimiter | None = None    # this model's rate limit
     limited: bool = False                 # any rate limit applies (model, client or global)
@@ -135,12 +136,15 @@ def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
             model_name = t.model if renamed else ""
             targets[name] = Target(
                 name=name, backend=backends[t.backend], model=t.model, version=t.version, weight=weights[name],
+                timeout_s=spec.timeout_s or backends[t.backend].config.request_timeout_s,
                 name_suffix=override(pb.ModelInferRequest, model_name=model_name),
                 default_suffix=override(pb.ModelInferRequest, model_name=model_name, model_version=t.version),
                 response_suffix=override(pb.ModelInferResponse, model_name=public if renamed else ""),
                 stats=stats.setdefault((public, name), TargetStats()),
             )
-        active_name = state.active or spec.active
+        # an admin flip wins; admin weights switch the file's blue-green off; unknown names are ignored
+        overridden = state.weights_override is not None and set(state.weights_override) <= set(targets)
+        active_name = state.active if state.active in targets else None if overridden else spec.active
         by_version = {t.version: t for t in targets.values()}
         routes[public] = Route(
             public=public,
@@ -152,7 +156,7 @@ def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
             sticky_header=spec.sticky.header.lower() if spec.sticky and spec.sticky.header else None,
             sticky_parameter=spec.sticky.parameter if spec.sticky else None,
             shadows=tuple(ShadowTarget(targets[s.target], s.rate, s.compare) for s in spec.shadows),
-            timeout_s=spec.timeout_s or targets[next(iter(targets))].backend.config.request_timeout_s,
+            tracks_outcomes=spec.rollout is not None,
             fallback=RuleSet(spec.fallback) if spec.fallback else None,
             bucket=bucket(spec.rate_limit) if spec.rate_limit else None,
             limited=limits.applies(spec.rate_limit),

@@ -66,7 +66,9 @@ def test_http_statuses_match_triton(gw, triton, case, binary):
     assert via[1] == direct[1]
 
 
-def test_client_deadline_becomes_deadline_exceeded_on_time(gw):
+@pytest.mark.parametrize("transport", ["unary", "stream"])
+def test_client_deadline_becomes_deadline_exceeded_on_time(triton, start_gateway, transport):
+    gw = start_gateway(triton.grpc_url, backend={"transport": transport})
     tensor = grpcclient.InferInput("DELAY_MS", [1, 1], "FP32")
     tensor.set_data_from_numpy(np.array([[1500]], np.float32))
     start = time.monotonic()

@@ -102,6 +102,7 @@ def test_metadata_config_and_readiness(gw):
     h = httpclient.InferenceServerClient(gw.http_url)
     assert g.is_server_live() and g.is_server_ready() and h.is_server_live() and h.is_server_ready()
     assert g.is_model_ready("classifier") and h.is_model_ready("classifier-v1")
+    assert not g.is_model_ready("nope") and not h.is_model_ready("nope") and not g.is_model_ready("classifier", "7")
     meta = h.get_model_metadata("classifier")
     assert meta["name"] == "classifier" and meta["versions"] == ["2"]
     assert meta["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 8]}]

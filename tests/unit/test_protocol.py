@@ -104,3 +104,9 @@ def test_to_json_prints_int64_as_numbers_and_skips_unset_messages():
     stats = pb.ModelStatisticsResponse()
     stats.model_stats.add(name="m", inference_count=2**40)
     assert to_json(stats)["model_stats"][0]["inference_count"] == 2**40
+
+
+def test_parameters_beyond_int64():
+    body = orjson.dumps({"parameters": {"big": 2**63 + 5}, "inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": [1]}]})
+    request, _ = http_codec.decode_request(body, None, "m", "")
+    assert request.parameters["big"].uint64_param == 2**63 + 5

@@ -2,7 +2,7 @@
 admin actions and shadow comparison: pure logic, no network."""
 from __future__ import annotations
 
-import time
+import random
 from collections import Counter
 
 import numpy as np
@@ -45,7 +45,7 @@ def test_unknown_model_is_not_found_with_tritons_message():
 def test_single_target_same_name_needs_no_rewrite():
     route = table({"double": {"target": {"backend": "t", "model": "double"}}}).resolve("double")
     decision = route.decide("", {}, None)
-    assert decision.suffix == b"" and decision.target.response_suffix == b"" and route.timeout_s == 7
+    assert decision.suffix == b"" and decision.target.response_suffix == b"" and decision.target.timeout_s == 7
     assert route.decide("3", {}, None).target.name == "primary"  # unpinned: the client's version passes
 
 
@@ -67,6 +67,7 @@ def test_explicit_version_picks_its_target_or_is_not_found():
 
 
 def test_weights_split_traffic_within_three_sigma():
+    random.seed(7)
     route = table({"scorer": {**SPLIT["scorer"], "sticky": None}}).resolve("scorer")
     n = 20000
     hits = Counter(route.decide("", {}, None).target.name for _ in range(n))
@@ -125,11 +126,11 @@ class Harness:
         self.stats: dict = {}
         self.states: dict = {}
         self.table = table(ROLLOUT, self.states, self.stats)
-        self.controller = RolloutController(lambda: self.table, lambda: self.states, self.commit)
+        self.controller = RolloutController(lambda: self.table, lambda: self.states, self.update)
 
-    def commit(self, states: dict) -> None:
-        self.states = states
-        self.table = table(ROLLOUT, states, self.stats)
+    def update(self, model: str, change) -> None:
+        self.states = {**self.states, model: change(self.states.get(model) or RouteState())}
+        self.table = table(ROLLOUT, self.states, self.stats)
 
     def feed(self, target: str, n: int, ok: bool = True, seconds: float = 0.01) -> None:
         for _ in range(n):
@@ -170,6 +171,15 @@ def test_rollout_rolls_back_on_errors_or_latency(ok, seconds, reason):
     assert h.table.resolve("m").targets["canary"].weight == 0
 
 
+def test_admin_weights_override_the_files_blue_green_and_unknown_names_are_ignored():
+    spec = {"m": {"targets": {"blue": {"backend": "t", "model": "x", "version": 1, "weight": 50},
+                              "green": {"backend": "t", "model": "x", "version": 2, "weight": 50}}, "active": "blue"}}
+    route = table(spec, {"m": RouteState(weights_override={"blue": 0, "green": 100})}).resolve("m")
+    assert route.active is None and {route.decide("", {}, None).target.name for _ in range(20)} == {"green"}
+    stale = table(spec, {"m": RouteState(weights_override={"gone": 100}, active="gone")}).resolve("m")
+    assert stale.active.name == "blue" and stale.targets["green"].weight == 50
+
+
 def test_admin_actions():
     route = table(ROLLOUT).resolve("m")
     assert _apply(route, RouteState(), "weights", {"weights": {"stable": 70, "canary": 30}}).weights_override == {"stable": 70, "canary": 30}
@@ -201,3 +211,9 @@ def test_shadow_compare_tolerance_and_argmax():
     assert not by_argmax.agree and by_argmax.argmax_agree is False and by_argmax.max_abs_diff == pytest.approx(0.5)
     assert compare(a, close, Compare(atol=None, argmax=True)).agree
     assert not compare(a, _answer([[0.7, 0.2, 0.1]]), Compare()).agree  # shapes differ
+
+
+def test_shadow_nan_disagrees_unless_both_are_nan():
+    a = _answer([[0.5, np.nan, 0.1]])
+    assert compare(a, _answer([[0.5, np.nan, 0.1]]), Compare(atol=1e-6)).agree
+    assert not compare(_answer([[0.5, 0.4, 0.1]]), a, Compare(atol=1e-6)).agree

@@ -1,4 +1,4 @@
-"""`infergate serve | check-config`: argument parsing only; the work lives in the rooms."""
+"""`infergate serve | check-config | routes`: argument parsing only; the work lives in the rooms."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +7,7 @@ import os
 import sys
 
 from gateway import __version__
-
-LEADER_ENV = "INFERGATE_LEADER"  # "1" in the one worker that runs the rollout controller
+from gateway.supervisor import LEADER_ENV
 
 
 def main(argv: list[str] | None = None) -> int:

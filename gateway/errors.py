@@ -75,10 +75,6 @@ class DeadlineExceeded(GatewayError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-class Unimplemented(GatewayError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-
 class BackendError(GatewayError):
     """Triton's own answer: its code and message pass to the client unchanged."""
 

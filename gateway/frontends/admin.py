@@ -27,7 +27,7 @@ def describe(route: Route, state: RouteState | None) -> dict[str, Any]:
         "model": route.public,
         "targets": [{"name": t.name, "backend": t.backend.name, "model": t.model, "version": t.version,
                      "weight": t.weight, "file_weight": file_weights[t.name],
-                     "serving": 100 if route.active is t else 0 if route.active else t.weight}
+                     "serving": route.serving(t)}
                     for t in route.targets.values()],
         "active": route.active.name if route.active else None,
         "sticky": spec.sticky.model_dump(exclude_none=True) if spec.sticky else None,

@@ -30,6 +30,7 @@ class Metrics:
                                  ["model", "rule", "cause"])
         self.reloads = Counter("infergate_config_reloads_total", "Routing reloads by result (ok, rejected)", ["result"])
         self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self._weighted: set[tuple[str, str]] = set()
 
     def observe(self, model: str, target: str, protocol: str, code: str, seconds: float) -> None:
         key = (model, target, protocol, code)
@@ -45,10 +46,15 @@ class Metrics:
             self.shadow_diff.labels(model, target).observe(diff)
 
     def route_weights(self, table: Any) -> None:
+        """Export what each target serves now; forget targets a new table no longer has."""
+        current = set()
         for route in table.routes.values():
             for target in route.targets.values():
-                live = 100 if route.active is target else 0 if route.active is not None else target.weight
-                self.weights.labels(route.public, target.name).set(live)
+                self.weights.labels(route.public, target.name).set(route.serving(target))
+                current.add((route.public, target.name))
+        for gone in self._weighted - current:
+            self.weights.remove(*gone)
+        self._weighted = current
 
     def fallback(self, model: str, rules: str, cause: str) -> None:
         self.fallbacks.labels(model, rules, cause).inc()

@@ -100,6 +100,12 @@ class Route:
             return str(getattr(p, p.WhichOneof("parameter_choice") or "string_param"))
         return ""
 
+    def serving(self, target: Target) -> int:
+        """The percentage of traffic (without pins, versions or stickiness) this target gets now."""
+        if self.active is not None:
+            return 100 if self.active is target else 0
+        return target.weight
+
     def default_target(self) -> Target:
         """The target metadata calls describe: the blue-green active one, else the heaviest."""
         return self.active or max(self.targets.values(), key=lambda t: t.weight)

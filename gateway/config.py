@@ -114,6 +114,15 @@ class Limits(Strict):
     per_client: RateLimit | None = None
 
 
+class BreakerSpec(Strict):
+    """A circuit breaker on each target of a route: open after `failures` consecutive counted
+    failures, stay open `open_s`, then let `half_open_probes` trial calls decide."""
+
+    failures: int = Field(default=5, ge=1)
+    open_s: float = Field(default=10.0, gt=0)
+    half_open_probes: int = Field(default=1, ge=1)
+
+
 class Pin(Strict):
     """Requests whose header (gRPC metadata or HTTP header) equals value always go to target."""
 
@@ -225,6 +234,7 @@ class Route(Strict):
     rollout: Rollout | None = None
     fallback: Fallback | None = None
     rate_limit: RateLimit | None = None
+    breaker: BreakerSpec | None = None
     timeout_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")

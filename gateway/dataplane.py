@@ -5,7 +5,8 @@ drift, audit) slot in here, in this order, and nowhere else.
     route    = routes.resolve(call.model)             public name -> route (NOT_FOUND)
     limits.admit(client, model)                       rate limits: model, client, global (RESOURCE_EXHAUSTED)
     decision = route.decide(version, headers, ...)    version, pin, blue-green, sticky or weight
-    response = await target.backend.infer(...)        raw bytes + appended rename, deadline = min(client's, route's)
+    response = await _send(target, ...)               through the target's breaker; raw bytes + appended rename,
+                                                      deadline = min(client's, route's)
       on UNAVAILABLE / NOT_FOUND / DEADLINE_EXCEEDED:  route.fallback.answer(...), marked degraded
     stats / metrics                                   per-target outcomes for rollout gates; counters, latency
     shadows.offer(...)                                sampled shadows run after the answer, off this path
@@ -83,8 +84,8 @@ class DataPlane:
             decision = route.decide(call.version, call.headers, call.request)
             target = decision.target
             target_name = target.name
-            response = await target.backend.infer(call.raw + decision.suffix, _timeout(target, call.time_remaining),
-                                                  call.request_id)
+            response = await _send(target, call.raw + decision.suffix, _timeout(target, call.time_remaining),
+                                   call.request_id)
         except GatewayError as e:
             code = e.code.name
             if target is None:
@@ -179,6 +180,24 @@ class DataPlane:
         (a canary's or shadow's backend being down does not take the gateway out of service)."""
         return self.routes is not None and all(
             any(t.backend.healthy for t in route.targets.values()) for route in self.routes.routes.values())
+
+
+async def _send(target: Target, payload: bytes, timeout: float, request_id: str) -> bytes:
+    """The backend call, through the target's circuit breaker when the route declares one."""
+    breaker = target.breaker
+    if breaker is None:
+        return await target.backend.infer(payload, timeout, request_id)
+    trial = breaker.admit()  # Unavailable while open: the fallback rules may answer
+    try:
+        response = await target.backend.infer(payload, timeout, request_id)
+    except GatewayError as e:
+        breaker.record(e, trial)
+        raise
+    except BaseException:
+        breaker.release(trial)
+        raise
+    breaker.record(None, trial)
+    return response
 
 
 def _timeout(target: Target, client_remaining: float | None) -> float:

@@ -30,6 +30,9 @@ python=${PYTHON:-$(command -v python3.11 || command -v python3)}
 pidfile=$home/tritonserver-$http_port.pid
 logfile=$home/tritonserver-$http_port.log
 
+# Running, and not a zombie left by a SIGKILL (kill -0 succeeds on zombies).
+alive() { [ -r "/proc/$1/stat" ] && [ "$(awk '{print $3}' "/proc/$1/stat")" != Z ]; }
+
 site() { "$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
 
 install() {
@@ -70,7 +73,7 @@ except Exception: sys.exit(1)' "http://$address:$http_port/v2/health/ready"
 
 start() {
   [ -d "$home/backends/python" ] || install
-  if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+  if [ -f "$pidfile" ] && alive "$(cat "$pidfile")"; then
     echo "triton-cpu: already running (pid $(cat "$pidfile"))"; return 0
   fi
   server_env
@@ -82,7 +85,7 @@ start() {
   echo $! >"$pidfile"
   for _ in $(seq 1 150); do
     if ready; then echo "triton-cpu: ready on http $http_port, grpc $grpc_port, metrics $metrics_port (log $logfile)"; return 0; fi
-    if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then break; fi
+    if ! alive "$(cat "$pidfile")"; then break; fi
     sleep 0.2
   done
   echo "triton-cpu: failed to become ready; last log lines:" >&2
@@ -95,17 +98,17 @@ stop() {
   [ -f "$pidfile" ] || { echo "triton-cpu: not running"; return 0; }
   local pid
   pid=$(cat "$pidfile")
-  if kill -0 "$pid" 2>/dev/null; then
+  if alive "$pid"; then
     kill -TERM "$pid"
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+    for _ in $(seq 1 100); do alive "$pid" || break; sleep 0.1; done
+    alive "$pid" && kill -KILL "$pid"
   fi
   rm -f "$pidfile"
   echo "triton-cpu: stopped"
 }
 
 status() {
-  if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null && ready; then
+  if [ -f "$pidfile" ] && alive "$(cat "$pidfile")" && ready; then
     echo "triton-cpu: ready (pid $(cat "$pidfile"))"
   else
     echo "triton-cpu: not running"; return 1

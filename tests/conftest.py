@@ -92,6 +92,15 @@ class Gateway(Endpoints):
     admin_port: int
     config_path: Path
 
+    def wait_workers(self, count: int, timeout: float = 15.0) -> None:
+        """The readiness wait saw one worker answer; wait until `count` workers are serving."""
+        log = self.config_path.parent / "gateway.log"
+        deadline = time.monotonic() + timeout
+        while log.read_text().count("serving:") < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {count} workers serving after {timeout}s")
+            time.sleep(0.1)
+
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

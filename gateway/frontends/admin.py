@@ -27,7 +27,7 @@ def describe(route: Route, state: RouteState | None) -> dict[str, Any]:
         "model": route.public,
         "targets": [{"name": t.name, "backend": t.backend.name, "model": t.model, "version": t.version,
                      "weight": t.weight, "file_weight": file_weights[t.name],
-                     "serving": route.serving(t)}
+                     "serving": route.serving(t), "breaker": t.breaker.state if t.breaker else None}
                     for t in route.targets.values()],
         "active": route.active.name if route.active else None,
         "sticky": spec.sticky.model_dump(exclude_none=True) if spec.sticky else None,

@@ -28,6 +28,8 @@ class Metrics:
                              ["model", "target"], multiprocess_mode="livemax")
         self.fallbacks = Counter("infergate_fallback_answers_total", "Answers from fallback rules, by rule and the backend failure",
                                  ["model", "rule", "cause"])
+        self.breakers = Gauge("infergate_breaker_state", "Circuit breaker of each route target: 0 closed, 1 half-open, 2 open",
+                              ["model", "target"], multiprocess_mode="livemax")
         self.reloads = Counter("infergate_config_reloads_total", "Routing reloads by result (ok, rejected)", ["result"])
         self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         self._weighted: set[tuple[str, str]] = set()
@@ -58,6 +60,9 @@ class Metrics:
 
     def fallback(self, model: str, rules: str, cause: str) -> None:
         self.fallbacks.labels(model, rules, cause).inc()
+
+    def breaker(self, model: str, target: str, state: str) -> None:
+        self.breakers.labels(model, target).set({"closed": 0, "half-open": 1, "open": 2}.get(state, 0))
 
     def reload(self, result: str) -> None:
         self.reloads.labels(result).inc()

@@ -74,6 +74,7 @@ async def test_new_requests_after_sigterm_are_refused_not_hung(triton, start_gat
 
 def test_workers_share_ports_and_metrics(triton, start_gateway):
     gw = start_gateway(triton.grpc_url, workers=2)
+    gw.wait_workers(2)
     workers = psutil.Process(gw.proc.pid).children()
     assert len(workers) == 2
     clients = []

@@ -1,0 +1,84 @@
+"""Circuit breakers against a real Triton that is killed (SIGKILL) under load and brought back."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from gateway.protocol.wire import pb, pb_grpc
+from tests.conftest import TRITON_SCRIPT, Triton, free_port
+
+FALLBACK = {"features": {"f0": {"input": "features", "index": 0}}, "outputs": {"probabilities": "FP32"},
+            "default": {"name": "prior", "outputs": {"probabilities": [0.34, 0.33, 0.33]}}}
+BREAKER = {"failures": 3, "open_s": 1.5, "half_open_probes": 1}
+
+
+@pytest.fixture
+def own_triton():
+    """A Triton of this test's own, to kill and restart."""
+    t = Triton(free_port(), free_port(), free_port())
+    env = dict(os.environ, TRITON_HTTP_PORT=str(t.http_port), TRITON_GRPC_PORT=str(t.grpc_port),
+               TRITON_METRICS_PORT=str(t.metrics_port))
+    subprocess.run([str(TRITON_SCRIPT), "start"], env=env, check=True, timeout=120)
+    yield t, env
+    subprocess.run([str(TRITON_SCRIPT), "stop"], env=env, check=False, timeout=60)
+
+
+def ask(stub, model: str) -> tuple[str, float]:
+    """'real', 'fallback' or the error code name, and the client-side latency in seconds."""
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="features", datatype="FP32", shape=[1, 8])
+    request.raw_input_contents.append(np.zeros(8, np.float32).tobytes())
+    start = time.perf_counter()
+    try:
+        answer = stub.ModelInfer(request, timeout=5)
+    except grpc.RpcError as e:
+        return e.code().name, time.perf_counter() - start
+    return ("fallback" if "infergate_fallback" in answer.parameters else "real"), time.perf_counter() - start
+
+
+def breaker_state(gw, model: str) -> str:
+    routes = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/admin/routes").read())
+    return next(r for r in routes if r["model"] == model)["targets"][0]["breaker"]
+
+
+def test_kill_opens_the_breaker_then_fallback_answers_fast_then_recovery_closes_it(own_triton, start_gateway):
+    triton, env = own_triton
+    v1 = {"backend": "triton", "model": "classifier", "version": 1}
+    gw = start_gateway(triton.grpc_url, routes={
+        "guarded": {"target": v1, "breaker": BREAKER, "fallback": FALLBACK, "timeout_s": 2},
+        "bare": {"target": v1, "breaker": BREAKER, "timeout_s": 2}})
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(gw.grpc_url))
+    assert {ask(stub, "guarded")[0] for _ in range(20)} == {"real"}
+
+    pid = int((triton_home() / f"tritonserver-{triton.http_port}.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    bare = [ask(stub, "bare")[0] for _ in range(6)]
+    assert bare[:3] == ["UNAVAILABLE"] * 3 and set(bare) == {"UNAVAILABLE"}  # refused by Triton's absence, then by the breaker
+    assert breaker_state(gw, "bare") == "open"
+    answers = [ask(stub, "guarded") for _ in range(40)]
+    assert {kind for kind, _ in answers} == {"fallback"}  # no caller sees an error
+    assert breaker_state(gw, "guarded") == "open"
+    assert statistics.median(s for _, s in answers[10:]) < 0.005  # answered without touching the backend
+
+    subprocess.run([str(TRITON_SCRIPT), "start"], env=env, check=True, timeout=120)
+    deadline = time.monotonic() + 20
+    while ask(stub, "guarded")[0] != "real":
+        assert time.monotonic() < deadline, "the breaker never closed again"
+        time.sleep(0.2)
+    assert breaker_state(gw, "guarded") == "closed"
+    assert {ask(stub, "guarded")[0] for _ in range(10)} == {"real"}
+
+
+def triton_home():
+    from pathlib import Path
+
+    return Path(os.environ.get("TRITON_HOME", Path(__file__).resolve().parents[2] / ".triton"))

@@ -82,3 +82,32 @@ def triton_home():
     from pathlib import Path
 
     return Path(os.environ.get("TRITON_HOME", Path(__file__).resolve().parents[2] / ".triton"))
+
+
+def test_a_hung_triton_never_holds_a_request_past_its_deadline(own_triton, start_gateway):
+    """SIGSTOP: the connection stays open but nothing answers."""
+    triton, _ = own_triton
+    v1 = {"backend": "triton", "model": "classifier", "version": 1}
+    gw = start_gateway(triton.grpc_url, routes={"hung": {"target": v1, "timeout_s": 0.5},
+                                                 "guarded": {"target": v1, "timeout_s": 0.5, "fallback": FALLBACK}})
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(gw.grpc_url))
+    assert ask(stub, "hung")[0] == "real"
+    pid = int((triton_home() / f"tritonserver-{triton.http_port}.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for model, expected in (("hung", "DEADLINE_EXCEEDED"), ("guarded", "fallback")):
+            for _ in range(3):
+                kind, seconds = ask(stub, model)
+                assert kind == expected and seconds < 1.0, (model, kind, seconds)
+        request = pb.ModelInferRequest(model_name="hung")  # a client deadline shorter than the route's
+        request.inputs.add(name="features", datatype="FP32", shape=[1, 8])
+        request.raw_input_contents.append(np.zeros(8, np.float32).tobytes())
+        start = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(request, timeout=0.2)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.perf_counter() - start < 0.5
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while ask(stub, "hung")[0] != "real":
+        assert time.monotonic() < deadline

@@ -36,10 +36,18 @@ class Listeners(Strict):
     admin: Listener = Listener(port=9002)
 
 
-class Backend(Strict):
-    """One Triton server, reached over gRPC."""
+def _host_port(v: str) -> str:
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected host:port, got {v!r}")
+    return v
 
-    url: str = Field(description="host:port of Triton's gRPC endpoint")
+
+class Backend(Strict):
+    """A Triton server reached over gRPC: one `url`, or `urls` of replicas serving the same models."""
+
+    url: str | None = Field(default=None, description="host:port of Triton's gRPC endpoint")
+    urls: list[str] | None = Field(default=None, min_length=1, description="replicas: host:port each")
     transport: Literal["unary", "stream"] = "unary"
     channels: int = Field(default=1, ge=1, le=64)
     streams: int = Field(default=2, ge=1, le=64)
@@ -48,14 +56,30 @@ class Backend(Strict):
     keepalive_s: float = Field(default=30.0, gt=0)
     health_interval_s: float = Field(default=2.0, gt=0)
     metadata_ttl_s: float = Field(default=30.0, ge=0)
+    eject_after: int = Field(default=3, ge=1, description="consecutive failures that eject a replica")
+    eject_s: float = Field(default=5.0, gt=0, description="how long an ejected replica sits out")
+    retries: int = Field(default=1, ge=0, le=5, description="extra attempts on another replica (UNAVAILABLE only)")
+    retry_budget: float = Field(default=0.1, ge=0, le=1, description="retries as a fraction of requests, at most")
+    retry_backoff_s: float = Field(default=0.005, ge=0, description="mean pause before a retry (jittered)")
 
     @field_validator("url")
     @classmethod
-    def _host_port(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"expected host:port, got {v!r}")
-        return v
+    def _url(cls, v: str | None) -> str | None:
+        return v if v is None else _host_port(v)
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, v: list[str] | None) -> list[str] | None:
+        return v if v is None else [_host_port(u) for u in v]
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "Backend":
+        if (self.url is None) == (self.urls is None):
+            raise ValueError("a backend needs exactly one of 'url' or 'urls'")
+        return self
+
+    def endpoints(self) -> list[str]:
+        return [self.url] if self.url is not None else list(self.urls or [])
 
 
 class GatewayConfig(Strict):

@@ -37,11 +37,11 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool) -> None:
     """Run the gateway until a stop signal, then drain within drain_timeout_s. The leader (the
     only worker, or worker 0) runs the rollout controller."""
     cfg = loaded.gateway
-    backends = {name: TritonBackend(name, spec, cfg.max_message_bytes) for name, spec in cfg.backends.items()}
+    metrics = Metrics()
+    backends = {name: TritonBackend(name, spec, cfg.max_message_bytes, metrics.retry) for name, spec in cfg.backends.items()}
     await asyncio.gather(*(b.probe() for b in backends.values()))
     for backend in backends.values():
         backend.start()
-    metrics = Metrics()
     shadows = ShadowDispatcher(metrics)
     shadows.start()
     dataplane = DataPlane(metrics, shadows)

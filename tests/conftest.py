@@ -85,6 +85,39 @@ def triton() -> Iterator[Triton]:
 
 
 @dataclass
+class OwnTriton(Triton):
+    """A Triton a test may kill, stop and restart."""
+
+    env: dict
+
+    @property
+    def pid(self) -> int:
+        home = Path(os.environ.get("TRITON_HOME", ROOT / ".triton"))
+        return int((home / f"tritonserver-{self.http_port}.pid").read_text())
+
+    def start(self) -> None:
+        subprocess.run([str(TRITON_SCRIPT), "start"], env=self.env, check=True, timeout=120)
+
+
+@pytest.fixture
+def spawn_triton() -> Iterator[Callable[[], OwnTriton]]:
+    """Start Tritons of a test's own, on free ports; all are stopped at teardown."""
+    started: list[OwnTriton] = []
+
+    def spawn() -> OwnTriton:
+        ports = free_port(), free_port(), free_port()
+        env = dict(os.environ, TRITON_HTTP_PORT=str(ports[0]), TRITON_GRPC_PORT=str(ports[1]), TRITON_METRICS_PORT=str(ports[2]))
+        t = OwnTriton(*ports, env=env)
+        t.start()
+        started.append(t)
+        return t
+
+    yield spawn
+    for t in started:
+        subprocess.run([str(TRITON_SCRIPT), "stop"], env=t.env, check=False, timeout=60)
+
+
+@dataclass
 class Gateway(Endpoints):
     proc: subprocess.Popen
     http_port: int

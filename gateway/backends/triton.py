@@ -1,9 +1,11 @@
-"""A Triton server reached over pooled grpc.aio channels: infer, metadata cache, health probing."""
+"""A Triton service reached over pooled grpc.aio channels: replicas with power-of-two-choices
+balancing, outlier ejection and budgeted retries; a metadata cache; health probing."""
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+import random
 import time
 from typing import Any, Callable
 
@@ -13,19 +15,74 @@ from gateway.backends.streams import StreamPool
 from gateway.config import Backend as BackendConfig
 from gateway.errors import BackendError, DeadlineExceeded, Unavailable
 from gateway.protocol.wire import SERVICE, pb, pb_grpc
+from gateway.resilience.retry import RetryBudget, jittered
 
 log = logging.getLogger(__name__)
 
 _INFER = f"/{SERVICE}/ModelInfer"
 
 
-class TritonBackend:
-    """One Triton server. `infer` forwards serialized requests as bytes, never re-encoding them."""
+class Replica:
+    """One Triton endpoint of a backend: pooled channels, calls in flight, consecutive failures
+    and ejection (outlier detection, as Envoy does it)."""
 
-    def __init__(self, name: str, config: BackendConfig, max_message_bytes: int) -> None:
+    def __init__(self, url: str, config: BackendConfig, options: list[tuple[str, Any]]) -> None:
+        self.url = url
+        self.healthy = False
+        self.outstanding = 0
+        self.failures = 0
+        self.ejected_until = 0.0
+        self.channels = [grpc.aio.insecure_channel(url, options=options) for _ in range(config.channels)]
+        infers = [ch.unary_unary(_INFER, request_serializer=None, response_deserializer=None) for ch in self.channels]
+        self._next_infer: Callable[[], Any] = itertools.cycle(infers).__next__
+        self._streams = StreamPool(self.channels, config.streams, self._unary) if config.transport == "stream" else None
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channels[0])
+
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self.ejected_until
+
+    async def infer(self, payload: bytes, timeout: float, request_id: str) -> bytes:
+        self.outstanding += 1
+        try:
+            if self._streams is not None:
+                return await self._streams.infer(payload, timeout, request_id)
+            return await self._unary(payload, timeout)
+        finally:
+            self.outstanding -= 1
+
+    async def _unary(self, payload: bytes, timeout: float) -> bytes:
+        try:
+            return await self._next_infer()(payload, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise _translate(e) from None
+
+    def outcome(self, failed: bool, config: BackendConfig) -> None:
+        """Count consecutive failures; eject for eject_s after eject_after of them."""
+        if not failed:
+            self.failures = 0
+            return
+        self.failures += 1
+        if self.failures >= config.eject_after:
+            self.ejected_until = time.monotonic() + config.eject_s
+            self.failures = 0
+            log.warning("replica %s ejected for %.1fs after %d consecutive failures", self.url, config.eject_s, config.eject_after)
+
+    async def close(self) -> None:
+        if self._streams is not None:
+            await self._streams.close()
+        for channel in self.channels:
+            await channel.close()
+
+
+class TritonBackend:
+    """One Triton service, one or more replicas. `infer` forwards serialized requests as bytes,
+    never re-encoding them, to the replica with fewer calls in flight of two picked at random;
+    a replica that fails is retried elsewhere within the retry budget and the deadline."""
+
+    def __init__(self, name: str, config: BackendConfig, max_message_bytes: int,
+                 on_retry: Callable[[str, str], None] = lambda backend, result: None) -> None:
         self.name = name
         self.config = config
-        self.healthy = False
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -37,31 +94,59 @@ class TritonBackend:
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.use_local_subchannel_pool", 1),  # one TCP connection per channel, not one shared
         ]
-        self._channels = [grpc.aio.insecure_channel(config.url, options=options) for _ in range(config.channels)]
-        infers = [ch.unary_unary(_INFER, request_serializer=None, response_deserializer=None) for ch in self._channels]
-        self._next_infer: Callable[[], Any] = itertools.cycle(infers).__next__
-        self._streams = StreamPool(self._channels, config.streams, self._unary) if config.transport == "stream" else None
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channels[0])
+        self.replicas = [Replica(url, config, options) for url in config.endpoints()]
+        self.budget = RetryBudget(config.retry_budget)
+        self._on_retry = on_retry
         self._cache: dict[tuple[str, str, str], tuple[float, Any]] = {}
         self._prober: asyncio.Task[None] | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return any(r.healthy for r in self.replicas)
 
     async def infer(self, payload: bytes, timeout: float, request_id: str) -> bytes:
         """Send one serialized ModelInferRequest; return the serialized ModelInferResponse.
         request_id is the id the caller sent, which the answer must carry."""
-        if self._streams is not None:
-            return await self._streams.infer(payload, timeout, request_id)
-        return await self._unary(payload, timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self.budget.deposit()
+        tried: list[Replica] = []
+        while True:
+            replica = self._pick(tried)
+            try:
+                answer = await replica.infer(payload, deadline - loop.time(), request_id)
+            except (Unavailable, DeadlineExceeded) as e:
+                replica.outcome(True, self.config)
+                tried.append(replica)
+                pause = jittered(self.config.retry_backoff_s)
+                if not isinstance(e, Unavailable) or len(tried) > self.config.retries \
+                        or len(tried) >= len(self.replicas) or deadline - loop.time() <= pause:
+                    raise
+                if not self.budget.withdraw():
+                    self._on_retry(self.name, "over_budget")
+                    raise
+                self._on_retry(self.name, "sent")
+                await asyncio.sleep(pause)
+                continue
+            replica.outcome(False, self.config)
+            return answer
 
-    async def _unary(self, payload: bytes, timeout: float) -> bytes:
-        try:
-            return await self._next_infer()(payload, timeout=timeout)
-        except grpc.aio.AioRpcError as e:
-            raise _translate(e) from None
+    def _pick(self, tried: list[Replica]) -> Replica:
+        """Power of two choices by calls in flight among available replicas not yet tried
+        (all untried ones when none is available: better a doubtful replica than none)."""
+        now = time.monotonic()
+        fresh = [r for r in self.replicas if r not in tried] or self.replicas
+        pool = [r for r in fresh if r.available(now)] or fresh
+        if len(pool) == 1:
+            return pool[0]
+        a, b = random.sample(pool, 2)
+        return a if a.outstanding <= b.outstanding else b
 
     async def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         """Any other GRPCInferenceService method by name, answered as Triton answers it."""
+        replica = self._pick([])
         try:
-            return await getattr(self._stub, method)(request, timeout=timeout or self.config.request_timeout_s)
+            return await getattr(replica.stub, method)(request, timeout=timeout or self.config.request_timeout_s)
         except grpc.aio.AioRpcError as e:
             raise _translate(e) from None
 
@@ -78,21 +163,24 @@ class TritonBackend:
         return answer
 
     def start(self) -> None:
-        """Begin health probing (ServerReady every health_interval_s)."""
+        """Begin health probing (ServerReady on every replica every health_interval_s)."""
         self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
 
     async def probe(self) -> bool:
+        await asyncio.gather(*(self._probe(r) for r in self.replicas))
+        return self.healthy
+
+    async def _probe(self, replica: Replica) -> None:
         try:
-            answer = await self._stub.ServerReady(pb.ServerReadyRequest(), timeout=self.config.connect_timeout_s)
+            answer = await replica.stub.ServerReady(pb.ServerReadyRequest(), timeout=self.config.connect_timeout_s)
             healthy = bool(answer.ready)
         except grpc.aio.AioRpcError:
             healthy = False
-        if healthy != self.healthy:
-            log.info("backend %s (%s) is %s", self.name, self.config.url, "ready" if healthy else "NOT ready")
-            self.healthy = healthy
-            if not healthy:
+        if healthy != replica.healthy:
+            log.info("backend %s replica %s is %s", self.name, replica.url, "ready" if healthy else "NOT ready")
+            replica.healthy = healthy
+            if not self.healthy:
                 self._cache.clear()
-        return healthy
 
     async def _probe_forever(self) -> None:
         while True:
@@ -102,10 +190,8 @@ class TritonBackend:
     async def close(self) -> None:
         if self._prober is not None:
             self._prober.cancel()
-        if self._streams is not None:
-            await self._streams.close()
-        for channel in self._channels:
-            await channel.close()
+        for replica in self.replicas:
+            await replica.close()
 
 
 def _translate(e: grpc.aio.AioRpcError) -> BackendError | Unavailable | DeadlineExceeded:

@@ -30,6 +30,8 @@ class Metrics:
                                  ["model", "rule", "cause"])
         self.breakers = Gauge("infergate_breaker_state", "Circuit breaker of each route target: 0 closed, 1 half-open, 2 open",
                               ["model", "target"], multiprocess_mode="livemax")
+        self.retries = Counter("infergate_backend_retries_total", "Retries on another replica: sent, or refused as over the retry budget",
+                               ["backend", "result"])
         self.reloads = Counter("infergate_config_reloads_total", "Routing reloads by result (ok, rejected)", ["result"])
         self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         self._weighted: set[tuple[str, str]] = set()
@@ -63,6 +65,9 @@ class Metrics:
 
     def breaker(self, model: str, target: str, state: str) -> None:
         self.breakers.labels(model, target).set({"closed": 0, "half-open": 1, "open": 2}.get(state, 0))
+
+    def retry(self, backend: str, result: str) -> None:
+        self.retries.labels(backend, result).inc()
 
     def reload(self, result: str) -> None:
         self.reloads.labels(result).inc()

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import time
 import urllib.request
 
@@ -14,22 +13,10 @@ import numpy as np
 import pytest
 
 from gateway.protocol.wire import pb, pb_grpc
-from tests.conftest import TRITON_SCRIPT, Triton, free_port
 
 FALLBACK = {"features": {"f0": {"input": "features", "index": 0}}, "outputs": {"probabilities": "FP32"},
             "default": {"name": "prior", "outputs": {"probabilities": [0.34, 0.33, 0.33]}}}
 BREAKER = {"failures": 3, "open_s": 1.5, "half_open_probes": 1}
-
-
-@pytest.fixture
-def own_triton():
-    """A Triton of this test's own, to kill and restart."""
-    t = Triton(free_port(), free_port(), free_port())
-    env = dict(os.environ, TRITON_HTTP_PORT=str(t.http_port), TRITON_GRPC_PORT=str(t.grpc_port),
-               TRITON_METRICS_PORT=str(t.metrics_port))
-    subprocess.run([str(TRITON_SCRIPT), "start"], env=env, check=True, timeout=120)
-    yield t, env
-    subprocess.run([str(TRITON_SCRIPT), "stop"], env=env, check=False, timeout=60)
 
 
 def ask(stub, model: str) -> tuple[str, float]:
@@ -50,8 +37,8 @@ def breaker_state(gw, model: str) -> str:
     return next(r for r in routes if r["model"] == model)["targets"][0]["breaker"]
 
 
-def test_kill_opens_the_breaker_then_fallback_answers_fast_then_recovery_closes_it(own_triton, start_gateway):
-    triton, env = own_triton
+def test_kill_opens_the_breaker_then_fallback_answers_fast_then_recovery_closes_it(spawn_triton, start_gateway):
+    triton = spawn_triton()
     v1 = {"backend": "triton", "model": "classifier", "version": 1}
     gw = start_gateway(triton.grpc_url, routes={
         "guarded": {"target": v1, "breaker": BREAKER, "fallback": FALLBACK, "timeout_s": 2},
@@ -59,8 +46,7 @@ def test_kill_opens_the_breaker_then_fallback_answers_fast_then_recovery_closes_
     stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(gw.grpc_url))
     assert {ask(stub, "guarded")[0] for _ in range(20)} == {"real"}
 
-    pid = int((triton_home() / f"tritonserver-{triton.http_port}.pid").read_text())
-    os.kill(pid, signal.SIGKILL)
+    os.kill(triton.pid, signal.SIGKILL)
     bare = [ask(stub, "bare")[0] for _ in range(6)]
     assert bare[:3] == ["UNAVAILABLE"] * 3 and set(bare) == {"UNAVAILABLE"}  # refused by Triton's absence, then by the breaker
     assert breaker_state(gw, "bare") == "open"
@@ -69,7 +55,7 @@ def test_kill_opens_the_breaker_then_fallback_answers_fast_then_recovery_closes_
     assert breaker_state(gw, "guarded") == "open"
     assert statistics.median(s for _, s in answers[10:]) < 0.005  # answered without touching the backend
 
-    subprocess.run([str(TRITON_SCRIPT), "start"], env=env, check=True, timeout=120)
+    triton.start()
     deadline = time.monotonic() + 20
     while ask(stub, "guarded")[0] != "real":
         assert time.monotonic() < deadline, "the breaker never closed again"
@@ -78,21 +64,15 @@ def test_kill_opens_the_breaker_then_fallback_answers_fast_then_recovery_closes_
     assert {ask(stub, "guarded")[0] for _ in range(10)} == {"real"}
 
 
-def triton_home():
-    from pathlib import Path
-
-    return Path(os.environ.get("TRITON_HOME", Path(__file__).resolve().parents[2] / ".triton"))
-
-
-def test_a_hung_triton_never_holds_a_request_past_its_deadline(own_triton, start_gateway):
+def test_a_hung_triton_never_holds_a_request_past_its_deadline(spawn_triton, start_gateway):
     """SIGSTOP: the connection stays open but nothing answers."""
-    triton, _ = own_triton
+    triton = spawn_triton()
     v1 = {"backend": "triton", "model": "classifier", "version": 1}
     gw = start_gateway(triton.grpc_url, routes={"hung": {"target": v1, "timeout_s": 0.5},
                                                  "guarded": {"target": v1, "timeout_s": 0.5, "fallback": FALLBACK}})
     stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(gw.grpc_url))
     assert ask(stub, "hung")[0] == "real"
-    pid = int((triton_home() / f"tritonserver-{triton.http_port}.pid").read_text())
+    pid = triton.pid
     os.kill(pid, signal.SIGSTOP)
     try:
         for model, expected in (("hung", "DEADLINE_EXCEEDED"), ("guarded", "fallback")):

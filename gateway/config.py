@@ -140,11 +140,23 @@ class Limits(Strict):
 
 class BreakerSpec(Strict):
     """A circuit breaker on each target of a route: open after `failures` consecutive counted
-    failures, stay open `open_s`, then let `half_open_probes` trial calls decide."""
+    failures, or when `failure_ratio` of the calls in the last `window_s` failed (once there were
+    `min_calls`); stay open `open_s`, then let `half_open_probes` trial calls decide."""
 
     failures: int = Field(default=5, ge=1)
+    failure_ratio: float | None = Field(default=None, gt=0, le=1)
+    window_s: float = Field(default=10.0, gt=0)
+    min_calls: int = Field(default=20, ge=1)
     open_s: float = Field(default=10.0, gt=0)
     half_open_probes: int = Field(default=1, ge=1)
+
+
+class CapSpec(Strict):
+    """At most `max_in_flight` calls to each target of a route at once; others wait up to
+    `max_wait_s`, and one whose deadline cannot cover the expected wait is refused at once."""
+
+    max_in_flight: int = Field(ge=1)
+    max_wait_s: float = Field(default=0.1, ge=0)
 
 
 class Pin(Strict):
@@ -259,6 +271,7 @@ class Route(Strict):
     fallback: Fallback | None = None
     rate_limit: RateLimit | None = None
     breaker: BreakerSpec | None = None
+    concurrency: CapSpec | None = None
     timeout_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")

@@ -5,7 +5,7 @@ drift, audit) slot in here, in this order, and nowhere else.
     route    = routes.resolve(call.model)             public name -> route (NOT_FOUND)
     limits.admit(client, model)                       rate limits: model, client, global (RESOURCE_EXHAUSTED)
     decision = route.decide(version, headers, ...)    version, pin, blue-green, sticky or weight
-    response = await _send(target, ...)               through the target's breaker; raw bytes + appended rename,
+    response = await _send(target, ...)               through the target's cap and breaker; raw bytes + rename,
                                                       deadline = min(client's, route's)
       on UNAVAILABLE / NOT_FOUND / DEADLINE_EXCEEDED:  route.fallback.answer(...), marked degraded
     stats / metrics                                   per-target outcomes for rollout gates; counters, latency
@@ -183,11 +183,26 @@ class DataPlane:
 
 
 async def _send(target: Target, payload: bytes, timeout: float, request_id: str) -> bytes:
-    """The backend call, through the target's circuit breaker when the route declares one."""
+    """The backend call, through the target's concurrency cap and circuit breaker when the route
+    declares them (either refuses with UNAVAILABLE at once: the fallback rules may answer)."""
+    cap = target.cap
+    if cap is None:
+        return await _guarded_call(target, payload, timeout, request_id)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await cap.acquire(timeout)
+    begin = loop.time()
+    try:
+        return await _guarded_call(target, payload, timeout - (begin - start), request_id)
+    finally:
+        cap.release(loop.time() - begin)
+
+
+async def _guarded_call(target: Target, payload: bytes, timeout: float, request_id: str) -> bytes:
     breaker = target.breaker
     if breaker is None:
         return await target.backend.infer(payload, timeout, request_id)
-    trial = breaker.admit()  # Unavailable while open: the fallback rules may answer
+    trial = breaker.admit()
     try:
         response = await target.backend.infer(payload, timeout, request_id)
     except GatewayError as e:

@@ -9,13 +9,15 @@ backend; anything else (INVALID_ARGUMENT, NOT_FOUND, ...) means the backend answ
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections import deque
+from typing import Any, Callable
 
 import grpc
 import pybreaker
 
-from gateway.config import BreakerSpec
+from gateway.config import BreakerSpec, CapSpec
 from gateway.errors import GatewayError, Unavailable
+from gateway.resilience.caps import Cap
 
 COUNTED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                      grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
@@ -43,6 +45,7 @@ class Breaker:
         self.spec = spec
         self._probes = 0
         self._opened_at = 0.0
+        self._recent: deque[tuple[float, bool]] = deque()  # (time, failed) within window_s, ratio mode
 
         def changed(state: str) -> None:
             if state == pybreaker.STATE_OPEN:
@@ -81,13 +84,28 @@ class Breaker:
     def record(self, error: GatewayError | None, trial: bool) -> None:
         """The outcome of an admitted call."""
         self.release(trial)
+        failed = error is not None and error.code in COUNTED
         try:
-            if error is not None and error.code in COUNTED:
+            if failed:
                 self._cb.call(_fail, error)
             else:
                 self._cb.call(_succeed)
         except (_Counted, pybreaker.CircuitBreakerError):
             pass
+        if self.spec.failure_ratio is not None and not trial:
+            self._judge_ratio(failed)
+
+    def _judge_ratio(self, failed: bool) -> None:
+        now = time.monotonic()
+        self._recent.append((now, failed))
+        while self._recent and self._recent[0][0] < now - self.spec.window_s:
+            self._recent.popleft()
+        calls = len(self._recent)
+        if self._cb.current_state == pybreaker.STATE_CLOSED and calls >= self.spec.min_calls:
+            assert self.spec.failure_ratio is not None
+            if sum(f for _, f in self._recent) / calls >= self.spec.failure_ratio:
+                self._recent.clear()
+                self._cb.open()
 
 
 class _Listener(pybreaker.CircuitBreakerListener):
@@ -98,19 +116,27 @@ class _Listener(pybreaker.CircuitBreakerListener):
         self._changed(new.name)
 
 
-class Breakers:
-    """The breakers of all route targets, kept across reloads while a target's spec is unchanged."""
+class PerTarget:
+    """Breakers and caps of all route targets, kept across reloads while a target's spec is
+    unchanged (a reload must not forget an open breaker or the calls in flight)."""
 
-    def __init__(self, on_change: Callable[[str, str, str], None] = lambda model, target, state: None) -> None:
-        self._on_change = on_change
-        self._made: dict[tuple[str, str], Breaker] = {}
+    def __init__(self, on_breaker_change: Callable[[str, str, str], None] = lambda model, target, state: None) -> None:
+        self._on_change = on_breaker_change
+        self._made: dict[tuple[str, str, str], Any] = {}
 
-    def get(self, model: str, target: str, spec: BreakerSpec | None) -> Breaker | None:
+    def breaker(self, model: str, target: str, spec: BreakerSpec | None) -> Breaker | None:
+        return self._get("breaker", model, target, spec,
+                         lambda: Breaker(f"{model}/{target}", spec, lambda name, state: self._on_change(model, target, state)))
+
+    def cap(self, model: str, target: str, spec: CapSpec | None) -> Cap | None:
+        return self._get("cap", model, target, spec, lambda: Cap(f"{model}/{target}", spec))
+
+    def _get(self, kind: str, model: str, target: str, spec: Any, make: Callable[[], Any]) -> Any:
         if spec is None:
             return None
-        found = self._made.get((model, target))
+        found = self._made.get((kind, model, target))
         if found is None or found.spec != spec:
-            found = self._made[(model, target)] = Breaker(
-                f"{model}/{target}", spec, lambda name, state: self._on_change(model, target, state))
-            self._on_change(model, target, found.state)
+            found = self._made[(kind, model, target)] = make()
+            if kind == "breaker":
+                self._on_change(model, target, found.state)
         return found

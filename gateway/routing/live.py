@@ -10,7 +10,7 @@ from typing import Callable, Mapping
 from gateway import config
 from gateway.backends.triton import TritonBackend
 from gateway.observability.metrics import Metrics
-from gateway.resilience.breaker import Breakers
+from gateway.resilience.breaker import PerTarget
 from gateway.routing.state import RouteState, StateFile, TargetStats, signature, spec_hash
 from gateway.routing.table import RouteTable, compile_routes
 
@@ -28,7 +28,7 @@ class LiveRouting:
         self.metrics = metrics
         self.state_file = StateFile(loaded.state_path)
         self.stats: dict[tuple[str, str], TargetStats] = {}
-        self.breakers = Breakers(metrics.breaker)
+        self.kept = PerTarget(metrics.breaker)
         self._on_swap = on_swap
         # Signatures first, then the reads: an edit in between is seen as a change.
         self._seen = (signature(self.routing_path), signature(self.state_file.path))
@@ -37,7 +37,7 @@ class LiveRouting:
         self.table = self._build(routing)
 
     def _build(self, routing: config.RoutingConfig) -> RouteTable:
-        table = compile_routes(routing, self.backends, self.states, self.stats, self.breakers)
+        table = compile_routes(routing, self.backends, self.states, self.stats, self.kept)
         self.table = table
         self._on_swap(table)
         self.metrics.route_weights(table)

@@ -15,7 +15,8 @@ from gateway.backends.triton import TritonBackend
 from gateway.config import Compare, Route as RouteSpec, RoutingConfig
 from gateway.errors import NotFound
 from gateway.fallback import RuleSet
-from gateway.resilience.breaker import Breaker, Breakers
+from gateway.resilience.breaker import Breaker, PerTarget
+from gateway.resilience.caps import Cap
 from gateway.resilience.limits import Limits, bucket
 from gateway.protocol.wire import override, pb
 from gateway.routing.split import Split
@@ -37,6 +38,7 @@ class Target:
     response_suffix: bytes  # appended to an answer: restores the public model name
     stats: TargetStats      # outcomes the rollout gates read; survives reloads
     breaker: Breaker | None  # the route's circuit breaker for this target; survives reloads
+    cap: Cap | None          # the route's concurrency cap for this target; survives reloads
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,11 +132,11 @@ class RouteTable:
 
 def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
                    states: Mapping[str, RouteState], stats: dict[tuple[str, str], TargetStats],
-                   breakers: Breakers | None = None) -> RouteTable:
+                   kept: PerTarget | None = None) -> RouteTable:
     """Build the table from the file's routes and the live state (admin overrides, rollout steps).
     config.load has already checked every reference."""
     limits = Limits(config.limits.global_, config.limits.per_client)
-    breakers = breakers or Breakers()
+    kept = kept or PerTarget()
     routes = {}
     for public, spec in config.models.items():
         state = states.get(public) or RouteState()
@@ -151,7 +153,8 @@ def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
                 default_suffix=override(pb.ModelInferRequest, model_name=model_name, model_version=t.version),
                 response_suffix=override(pb.ModelInferResponse, model_name=public if renamed else ""),
                 stats=stats.setdefault((public, name), TargetStats()),
-                breaker=breakers.get(public, name, spec.breaker),
+                breaker=kept.breaker(public, name, spec.breaker),
+                cap=kept.cap(public, name, spec.concurrency),
             )
         # an admin flip wins; admin weights switch the file's blue-green off; unknown names are ignored
         overridden = state.weights_override is not None and set(state.weights_override) <= set(targets)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from gateway.protocol.wire import pb, pb_grpc
+from tests.conftest import metric
 
 FALLBACK = {"features": {"f0": {"input": "features", "index": 0}}, "outputs": {"probabilities": "FP32"},
             "default": {"name": "prior", "outputs": {"probabilities": [0.34, 0.33, 0.33]}}}
@@ -50,10 +51,13 @@ def test_kill_opens_the_breaker_then_fallback_answers_fast_then_recovery_closes_
     bare = [ask(stub, "bare")[0] for _ in range(6)]
     assert bare[:3] == ["UNAVAILABLE"] * 3 and set(bare) == {"UNAVAILABLE"}  # refused by Triton's absence, then by the breaker
     assert breaker_state(gw, "bare") == "open"
+    fast_before = metric(gw, "infergate_request_duration_seconds_bucket", model="guarded", le="0.001")
     answers = [ask(stub, "guarded") for _ in range(40)]
     assert {kind for kind, _ in answers} == {"fallback"}  # no caller sees an error
     assert breaker_state(gw, "guarded") == "open"
     assert statistics.median(s for _, s in answers[10:]) < 0.005  # answered without touching the backend
+    # gateway time, from its own latency histogram: nearly all of them within 1 ms
+    assert metric(gw, "infergate_request_duration_seconds_bucket", model="guarded", le="0.001") - fast_before >= 35
 
     triton.start()
     deadline = time.monotonic() + 20

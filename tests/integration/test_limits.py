@@ -73,3 +73,34 @@ def test_bad_limits_are_rejected(tmp_path, limit, reason):
     routing = yaml.safe_dump({"models": {"double": {**DOUBLE, "rate_limit": limit}}})
     found = problems(write(tmp_path, GATEWAY, routing))
     assert any("rate_limit" in p and reason in p for p in found), found
+
+
+async def test_concurrency_cap_sheds_what_cannot_finish_in_time(triton, start_gateway):
+    import asyncio
+
+    import tritonclient.grpc.aio as grpc_aio
+    from tritonclient.utils import InferenceServerException
+
+    gw = start_gateway(triton.grpc_url, routes={"slow": {"target": {"backend": "triton", "model": "slow"},
+                                                         "concurrency": {"max_in_flight": 2, "max_wait_s": 1.5}}})
+    client = grpc_aio.InferenceServerClient(gw.grpc_url)
+
+    async def slow(delay_ms: float, timeout: float) -> tuple[str, float]:
+        tensor = grpc_aio.InferInput("DELAY_MS", [1, 1], "FP32")
+        tensor.set_data_from_numpy(np.array([[delay_ms]], np.float32))
+        start = time.perf_counter()
+        try:
+            await client.infer("slow", [tensor], client_timeout=timeout)
+            return "OK", time.perf_counter() - start
+        except InferenceServerException as e:
+            return e.status(), time.perf_counter() - start
+
+    for _ in range(2):  # the cap learns the service time (about 300 ms)
+        assert (await slow(300, 5))[0] == "OK"
+    within = await asyncio.gather(*(slow(300, 2.0) for _ in range(4)))  # the line fits the deadline
+    assert [kind for kind, _ in within] == ["OK"] * 4
+    tight = await asyncio.gather(*(slow(300, 0.25) for _ in range(6)))
+    shed_at_once = [s for kind, s in tight if kind == "StatusCode.UNAVAILABLE" and s < 0.1]
+    assert len(shed_at_once) >= 3, tight                # refused at once: their wait could not fit
+    assert all(s < 0.25 + 0.15 for _, s in tight)       # nobody waited past the deadline
+    await client.close()

@@ -58,3 +58,12 @@ def test_a_cancelled_trial_frees_its_slot():
     time.sleep(0.02)
     b.release(b.admit())
     assert b.admit()
+
+
+def test_failure_ratio_over_a_window_opens_it():
+    b, changes = breaker(failures=1000, failure_ratio=0.5, window_s=60, min_calls=10, open_s=60)
+    for i in range(9):  # 5 of 9 failed, but fewer than min_calls
+        b.record(DOWN if i % 2 == 0 else None, b.admit())
+    assert b.state == "closed"
+    b.record(None, b.admit())  # 5 of 10: the ratio is reached
+    assert b.state == "open" and changes == ["open"]

@@ -1,6 +1,6 @@
 """The request path, top to bottom. Frontends decode a protocol into a Call, this module decides
-what happens to it, and frontends encode the answer. Later rooms (security, limits, validation,
-drift, audit) slot in here, in this order, and nowhere else.
+what happens to it, and frontends encode the answer. Later rooms (security, validation, drift,
+audit) slot in here, in this order, and nowhere else.
 
     route    = routes.resolve(call.model)             public name -> route (NOT_FOUND)
     limits.admit(client, model)                       rate limits: model, client, global (RESOURCE_EXHAUSTED)

@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 from gateway import __version__
 from gateway.dataplane import Call, DataPlane
 from gateway.errors import GatewayError, InvalidArgument
-from gateway.protocol.wire import SERVICE, pb, stream_error, stream_response
+from gateway.protocol.wire import SERVICE, parameter_text, pb, stream_error, stream_response
 
 log = logging.getLogger(__name__)
 
@@ -62,31 +62,42 @@ class GrpcFrontend:
 
     async def model_stream_infer(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """Requests on the stream run concurrently (at most STREAM_IN_FLIGHT at once, which keeps
-        gRPC's flow control working); answers go back as they finish, errors as in-stream error
-        messages carrying the request id, as Triton does. When the client goes away, the requests
-        still running are cancelled."""
+        gRPC's flow control working), except that requests of one sequence (`sequence_id`) run
+        in the order sent; answers go back as they finish, errors as in-stream error messages
+        carrying the request id, as Triton does. When the client goes away, the requests still
+        running are cancelled."""
         answers: asyncio.Queue[bytes | None] = asyncio.Queue()
         slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
         pending: set[asyncio.Task[None]] = set()
 
-        async def one(raw: bytes) -> None:
-            call = None
+        async def one(call: Call, after: asyncio.Task[None] | None) -> None:
             try:
-                call = _call(raw, context)
+                if after is not None:
+                    await asyncio.wait((after,))
                 answers.put_nowait(stream_response((await self.dataplane.infer(call)).raw))
             except Exception as e:  # noqa: BLE001 - one bad request must not end the stream
                 if not isinstance(e, GatewayError):
                     log.exception("stream request failed")
                 message = e.message if isinstance(e, GatewayError) else "internal gateway error"
-                answers.put_nowait(stream_error(message, call.request_id if call is not None else ""))
+                answers.put_nowait(stream_error(message, call.request_id))
             finally:
                 slots.release()
 
         async def read_all() -> None:
+            sequences: dict[str, asyncio.Task[None]] = {}
             try:
                 async for raw in requests:
+                    try:
+                        call = _call(raw, context)
+                    except GatewayError as e:
+                        answers.put_nowait(stream_error(e.message, ""))
+                        continue
                     await slots.acquire()
-                    task = asyncio.create_task(one(raw))
+                    sequence = parameter_text(call.request, "sequence_id")
+                    task = asyncio.create_task(one(call, sequences.get(sequence) if sequence else None))
+                    if sequence:
+                        sequences[sequence] = task
+                        task.add_done_callback(lambda t, s=sequence: sequences.get(s) is t and sequences.pop(s))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
                 if pending:

@@ -18,17 +18,31 @@ DTYPES: dict[str, np.dtype] = {
 _LEN = struct.Struct("<I")
 
 
+_JSON_TYPES: dict[str, tuple[type, ...]] = {"b": (bool,), "i": (int,), "u": (int,), "f": (int, float)}
+
+
 def json_to_raw(datatype: str, data: Any, name: str) -> bytes:
-    """Flatten a JSON "data" list (nested or flat) into the raw bytes Triton expects."""
+    """Flatten a JSON "data" list (nested or flat) into the raw bytes Triton expects. Elements
+    must be JSON values of the tensor's kind, as Triton requires: strings for BYTES, booleans
+    for BOOL, integers for integer types, numbers for floating-point types."""
+    values = _flatten(data)
     if datatype == "BYTES":
-        return b"".join(_LEN.pack(len(b)) + b for b in (_to_bytes(x) for x in _flatten(data)))
+        _check(values, (str,), name, datatype)
+        return b"".join(_LEN.pack(len(b)) + b for b in (x.encode() for x in values))
     dtype = DTYPES.get(datatype)
     if dtype is None:
         raise InvalidArgument(f"datatype '{datatype}' of input '{name}' cannot be sent as JSON data")
+    _check(values, _JSON_TYPES[dtype.kind], name, datatype)
     try:
-        return np.asarray(data, dtype=dtype).tobytes()
+        return np.asarray(values, dtype=dtype).tobytes()
     except (TypeError, ValueError, OverflowError) as e:
         raise InvalidArgument(f"unable to parse 'data' of input '{name}' as {datatype}: {e}") from None
+
+
+def _check(values: list[Any], allowed: tuple[type, ...], name: str, datatype: str) -> None:
+    for i, v in enumerate(values):
+        if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
+            raise InvalidArgument(f"unable to parse 'data' of input '{name}' as {datatype}: element {i} is {v!r}")
 
 
 def raw_to_json(datatype: str, raw: bytes) -> Any:
@@ -63,11 +77,3 @@ def _flatten(data: Any) -> list[Any]:
     for x in data:
         out.extend(_flatten(x) if isinstance(x, list) else (x,))
     return out
-
-
-def _to_bytes(x: Any) -> bytes:
-    if isinstance(x, str):
-        return x.encode()
-    if isinstance(x, (bytes, bytearray)):
-        return bytes(x)
-    return str(x).encode()

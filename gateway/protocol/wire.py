@@ -12,7 +12,7 @@ from __future__ import annotations
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-__all__ = ["pb", "pb_grpc", "SERVICE", "override", "varint", "stream_response", "stream_error"]
+__all__ = ["pb", "pb_grpc", "SERVICE", "override", "varint", "parameter_text", "stream_response", "stream_error"]
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -37,6 +37,14 @@ def varint(n: int) -> bytes:
 def stream_response(infer_response: bytes) -> bytes:
     """A serialized ModelStreamInferResponse wrapping an already serialized ModelInferResponse."""
     return _INFER_RESPONSE_TAG + varint(len(infer_response)) + infer_response
+
+
+def parameter_text(request: pb.ModelInferRequest | None, name: str) -> str:
+    """A request parameter's value as text ("" when absent): sticky keys, sequence ids."""
+    if request is None or name not in request.parameters:
+        return ""
+    p = request.parameters[name]
+    return str(getattr(p, p.WhichOneof("parameter_choice") or "string_param"))
 
 
 def stream_error(message: str, request_id: str) -> bytes:

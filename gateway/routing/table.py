@@ -18,7 +18,7 @@ from gateway.fallback import RuleSet
 from gateway.resilience.breaker import Breaker, PerTarget
 from gateway.resilience.caps import Cap
 from gateway.resilience.limits import Limits, bucket
-from gateway.protocol.wire import override, pb
+from gateway.protocol.wire import override, parameter_text, pb
 from gateway.routing.split import Split
 from gateway.routing.state import RouteState, TargetStats
 
@@ -99,9 +99,8 @@ class Route:
     def _sticky_key(self, headers: Mapping[str, str], request: pb.ModelInferRequest | None) -> str:
         if self.sticky_header is not None:
             return headers.get(self.sticky_header, "")
-        if self.sticky_parameter is not None and request is not None and self.sticky_parameter in request.parameters:
-            p = request.parameters[self.sticky_parameter]
-            return str(getattr(p, p.WhichOneof("parameter_choice") or "string_param"))
+        if self.sticky_parameter is not None:
+            return parameter_text(request, self.sticky_parameter)
         return ""
 
     def serving(self, target: Target) -> int:

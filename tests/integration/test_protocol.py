@@ -126,3 +126,29 @@ def test_metrics_count_requests(gw):
     before = metric(gw, "infergate_requests_total", code="OK", model="double", protocol="grpc", target="primary")
     grpc_infer(gw.grpc_url, "double", np.ones((1, 4), np.float32), name="INPUT0")
     assert metric(gw, "infergate_requests_total", code="OK", model="double", protocol="grpc", target="primary") == before + 1
+
+
+def test_stream_keeps_the_order_of_one_sequence(gw):
+    """Requests of one sequence_id run in the order sent; others overtake them."""
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(gw.grpc_url)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+
+    def send(request_id: str, model: str, **sequence) -> None:
+        name = "DELAY_MS" if model == "slow" else "INPUT0"
+        tensor = grpcclient.InferInput(name, [1, 1], "FP32")
+        tensor.set_data_from_numpy(np.array([[300.0]], np.float32))
+        client.async_stream_infer(model, [tensor], request_id=request_id, **sequence)
+
+    try:  # a fast model answers long before the slow one, unless the sequence holds it back
+        send("a1", "slow", sequence_id=42, sequence_start=True)
+        send("a2", "double", sequence_id=42)
+        send("b", "double")
+        order = []
+        for _ in range(3):
+            result, error = answers.get(timeout=10)
+            assert error is None, error
+            order.append(result.get_response().id)
+    finally:
+        client.stop_stream()
+    assert order.index("a1") < order.index("a2") and order.index("b") < order.index("a1"), order

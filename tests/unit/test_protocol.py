@@ -110,3 +110,12 @@ def test_parameters_beyond_int64():
     body = orjson.dumps({"parameters": {"big": 2**63 + 5}, "inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": [1]}]})
     request, _ = http_codec.decode_request(body, None, "m", "")
     assert request.parameters["big"].uint64_param == 2**63 + 5
+
+
+@pytest.mark.parametrize("datatype, data, element", [
+    ("FP32", [1.5, "2.5"], "element 1 is '2.5'"), ("INT32", [1, 2.5], "element 1 is 2.5"),
+    ("INT32", [True], "element 0 is True"), ("BOOL", [1], "element 0 is 1"), ("BYTES", ["a", 3], "element 1 is 3"),
+])
+def test_json_elements_must_match_the_datatype(datatype, data, element):
+    with pytest.raises(InvalidArgument, match=element):
+        json_to_raw(datatype, data, "x")

@@ -459,7 +459,9 @@ def run_header(args: argparse.Namespace, targets: list[Target], started: datetim
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
-    revision, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    # RESULTS.md itself changes with every run: it does not make the measured code uncommitted
+    revision = git("rev-parse", "--short", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/RESULTS.md")
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = [f"## {started:%Y-%m-%d %H:%M} UTC · {len(os.sched_getaffinity(0))} × {model} · "
              f"git {revision or '?'}{' (uncommitted changes)' if dirty else ''} · load avg {load}",

@@ -134,6 +134,8 @@ class TritonBackend:
     def _pick(self, tried: list[Replica]) -> Replica:
         """Power of two choices by calls in flight among available replicas not yet tried
         (all untried ones when none is available: better a doubtful replica than none)."""
+        if len(self.replicas) == 1:
+            return self.replicas[0]
         now = time.monotonic()
         fresh = [r for r in self.replicas if r not in tried] or self.replicas
         pool = [r for r in fresh if r.available(now)] or fresh

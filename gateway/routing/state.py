@@ -40,13 +40,18 @@ class RouteState:
     def weights(self, spec: RouteSpec) -> dict[str, int]:
         """Live weights: an admin override, else the rollout's current step, else the file's."""
         file_weights = {name: t.weight for name, t in spec.named_targets().items()}
-        if self.weights_override is not None and set(self.weights_override) <= set(file_weights):
+        if self.overrides_weights(spec):
+            assert self.weights_override is not None
             return {name: self.weights_override.get(name, 0) for name in file_weights}
         if spec.rollout is None:
             return file_weights
         status = self.rollout or RolloutStatus()
         percent = {"promoted": 100, "rolled_back": 0}.get(status.phase, spec.rollout.steps[min(status.step, len(spec.rollout.steps) - 1)])
         return rollout_weights(file_weights, spec.rollout.target, percent)
+
+    def overrides_weights(self, spec: RouteSpec) -> bool:
+        """An admin weights override in force: one naming only this route's targets (a stale one is ignored)."""
+        return self.weights_override is not None and set(self.weights_override) <= set(spec.named_targets())
 
     def is_empty(self) -> bool:
         return self.weights_override is None and self.active is None and self.rollout is None

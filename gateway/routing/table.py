@@ -156,8 +156,7 @@ def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
                 cap=kept.cap(public, name, spec.concurrency),
             )
         # an admin flip wins; admin weights switch the file's blue-green off; unknown names are ignored
-        overridden = state.weights_override is not None and set(state.weights_override) <= set(targets)
-        active_name = state.active if state.active in targets else None if overridden else spec.active
+        active_name = state.active if state.active in targets else None if state.overrides_weights(spec) else spec.active
         by_version = {t.version: t for t in targets.values()}
         routes[public] = Route(
             public=public,

@@ -43,6 +43,22 @@ def _host_port(v: str) -> str:
     return v
 
 
+class BackendTls(Strict):
+    """TLS from the gateway to a backend: the CA that signs Triton's certificate (system roots
+    when absent), an optional client certificate for mutual TLS, and the name to verify."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = Field(default=None, description="name in Triton's certificate, if not the url's host")
+
+    @model_validator(mode="after")
+    def _pair(self) -> "BackendTls":
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs both 'cert' and 'key'")
+        return self
+
+
 class Backend(Strict):
     """A Triton server reached over gRPC: one `url`, or `urls` of replicas serving the same models."""
 
@@ -61,6 +77,7 @@ class Backend(Strict):
     retries: int = Field(default=1, ge=0, le=5, description="extra attempts on another replica (UNAVAILABLE only)")
     retry_budget: float = Field(default=0.1, ge=0, le=1, description="retries as a fraction of requests, at most")
     retry_backoff_s: float = Field(default=0.005, ge=0, description="mean pause before a retry (jittered)")
+    tls: BackendTls | None = None
 
     @field_validator("url")
     @classmethod
@@ -82,8 +99,72 @@ class Backend(Strict):
         return [self.url] if self.url is not None else list(self.urls or [])
 
 
+class ServerTls(Strict):
+    """TLS on the gateway's listeners: the server certificate chain and key, and for mutual TLS
+    the CA bundle client certificates must chain to. Files reload on change (polled)."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+    client_auth: Literal["none", "optional", "require"] = "none"
+    listeners: list[Literal["http", "grpc", "admin"]] = Field(default=["http", "grpc"], min_length=1)
+    reload_s: float = Field(default=5.0, gt=0, description="how often the files are checked for change")
+
+    @model_validator(mode="after")
+    def _client_auth(self) -> "ServerTls":
+        if self.client_auth != "none" and self.client_ca is None:
+            raise ValueError(f"client_auth {self.client_auth!r} needs 'client_ca', the CA bundle client certificates chain to")
+        if self.client_auth == "optional" and "grpc" in self.listeners:
+            raise ValueError("client_auth 'optional' is not available on the gRPC listener (grpcio can only "
+                             "require a client certificate or not ask for one): use 'require', or 'none' with JWTs, "
+                             "or leave grpc out of tls.listeners")
+        return self
+
+
+class Jwt(Strict):
+    """Bearer tokens from an OIDC issuer: signature checked against its JWKS (a file, or an HTTPS
+    URL fetched and refreshed), then issuer, audience, expiry and not-before, with leeway."""
+
+    issuer: str = Field(min_length=1)
+    audience: list[str] = Field(min_length=1)
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    jwks_ca: str | None = Field(default=None, description="CA bundle for the JWKS URL (system roots when absent)")
+    algorithms: list[Literal["RS256", "ES256"]] = Field(default=["RS256", "ES256"], min_length=1)
+    leeway_s: float = Field(default=30.0, ge=0, le=300)
+    refresh_s: float = Field(default=300.0, gt=0, description="JWKS refetch interval (sooner for an unknown key id)")
+    principal_claim: str = "sub"
+    groups_claim: str = "groups"
+
+    @field_validator("audience", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _https(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("https://"):
+            raise ValueError(f"jwks_url must be an https:// URL, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Jwt":
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("jwt needs exactly one of 'jwks_file' or 'jwks_url'")
+        return self
+
+
+class Auth(Strict):
+    """Where caller identities come from besides client certificates."""
+
+    jwt: Jwt | None = None
+
+
 class GatewayConfig(Strict):
     listeners: Listeners = Listeners()
+    tls: ServerTls | None = None
+    auth: Auth = Auth()
     workers: int = Field(default=1, ge=1, le=64)
     drain_timeout_s: float = Field(default=10.0, ge=0)
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
@@ -257,6 +338,66 @@ class Fallback(Strict):
         return self
 
 
+class Bounds(Strict):
+    """Value rules for a tensor or one feature (a column of its last axis)."""
+
+    min: float | None = None
+    max: float | None = None
+    allowed: list[int | float] | None = Field(default=None, min_length=1, description="category codes")
+
+    @model_validator(mode="after")
+    def _order(self) -> "Bounds":
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+
+class InputRule(Bounds):
+    """Rules for one input tensor; `features` hold rules for single columns of its last axis."""
+
+    finite: bool | None = Field(default=None, description="NaN and infinity refused (default: the route's 'finite')")
+    features: dict[int, Bounds] = {}
+
+    @field_validator("features")
+    @classmethod
+    def _columns(cls, v: dict[int, Bounds]) -> dict[int, Bounds]:
+        if any(k < 0 for k in v):
+            raise ValueError("feature columns are indexes from 0")
+        return v
+
+
+class Validation(Strict):
+    """Checks at the edge, compiled per target from Triton's model metadata and config (input
+    names, datatypes, shapes, max batch size) plus these rules. `observe` counts violations and
+    lets the request through, to see schema drift before enforcing."""
+
+    mode: Literal["reject", "observe"] = "reject"
+    schema_: bool = Field(default=True, alias="schema", description="check names, datatypes and shapes against Triton's")
+    finite: bool = Field(default=True, description="floating-point inputs must be finite")
+    max_request_bytes: int | None = Field(default=None, ge=1)
+    max_batch: int | None = Field(default=None, ge=1)
+    inputs: dict[str, InputRule] = {}
+
+
+class AccessRule(Strict):
+    """Who may do what: callers matching any of principals (globs), groups or claims (all must
+    hold) — or callers without credentials when `anonymous` — may take `actions` on `models`."""
+
+    name: str = Field(min_length=1)
+    principals: list[str] = []
+    groups: list[str] = []
+    claims: dict[str, str | list[str]] = {}
+    anonymous: bool = False
+    models: list[str] = Field(default=["*"], min_length=1)
+    actions: list[Literal["infer", "metadata", "admin"]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _someone(self) -> "AccessRule":
+        if not (self.principals or self.groups or self.claims or self.anonymous):
+            raise ValueError(f"rule {self.name!r} names nobody: give principals, groups, claims or anonymous: true")
+        return self
+
+
 class Route(Strict):
     """One public model: a single `target`, or named `targets` with weights, pins, stickiness,
     a blue-green `active` switch, shadows, a rollout and fallback rules."""
@@ -273,6 +414,7 @@ class Route(Strict):
     breaker: BreakerSpec | None = None
     concurrency: CapSpec | None = None
     timeout_s: float | None = Field(default=None, gt=0)
+    validation: Validation | None = None
 
     @model_validator(mode="after")
     def _one_form(self) -> "Route":
@@ -297,6 +439,7 @@ class Route(Strict):
 class RoutingConfig(Strict):
     models: dict[str, Route] = Field(min_length=1)
     limits: Limits = Limits()
+    access: list[AccessRule] | None = Field(default=None, description="absent: inference and metadata open to all, admin closed")
 
 
 # ---------------------------------------------------------------- loading

@@ -58,6 +58,21 @@ class Unavailable(GatewayError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unauthenticated(GatewayError):
+    """No usable credentials: none sent where the policy needs some, or a token that fails checks."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class PermissionDenied(GatewayError):
+    """A known caller that no access rule allows this action on this model."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ResourceExhausted(GatewayError):
     """Over a limit: the caller may retry after retry_after_s seconds."""
 

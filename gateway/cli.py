@@ -24,12 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     routes = sub.add_parser("routes", help="print the live route table of a running gateway")
     routes.add_argument("--admin", default="http://127.0.0.1:9002", help="the gateway's admin URL")
     routes.add_argument("--json", action="store_true", help="print the admin API's JSON instead of a table")
+    routes.add_argument("--token", default=os.environ.get("INFERGATE_TOKEN"),
+                        help="bearer token for the admin API (default: $INFERGATE_TOKEN)")
     args = parser.parse_args(argv)
 
     if args.command == "routes":
         from gateway.routing.report import print_routes
 
-        return print_routes(args.admin, args.json)
+        return print_routes(args.admin, args.json, args.token)
 
     from gateway import config
 

@@ -5,9 +5,10 @@ rejects unknown keys; cross-file references (a route naming a backend) are check
 """
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Type, TypeVar
+from typing import Any, Callable, Literal, Type, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -381,7 +382,8 @@ class Validation(Strict):
 
 class AccessRule(Strict):
     """Who may do what: callers matching any of principals (globs), groups or claims (all must
-    hold) — or callers without credentials when `anonymous` — may take `actions` on `models`."""
+    hold) may take `actions` on `models` (globs); `anonymous: true` admits every caller, even one
+    without credentials."""
 
     name: str = Field(min_length=1)
     principals: list[str] = []
@@ -584,6 +586,49 @@ def _route_problems(doc: _Document, name: str, route: Route, gateway: GatewayCon
     return problems
 
 
+def _file_problems(doc: _Document, gateway: GatewayConfig, base: Path) -> list[Problem]:
+    """Every certificate, key, CA bundle and JWKS file the config names must be there and load."""
+    pairs: list[tuple[Loc, str | None, str | None]] = []   # (where, certificate chain, its key)
+    bundles: list[tuple[Loc, str | None]] = []             # CA bundles
+    if gateway.tls is not None:
+        pairs.append((("tls",), gateway.tls.cert, gateway.tls.key))
+        bundles.append((("tls", "client_ca"), gateway.tls.client_ca))
+    for name, backend in gateway.backends.items():
+        if backend.tls is not None:
+            pairs.append((("backends", name, "tls"), backend.tls.cert, backend.tls.key))
+            bundles.append((("backends", name, "tls", "ca"), backend.tls.ca))
+    jwt = gateway.auth.jwt
+    if jwt is not None:
+        bundles.append((("auth", "jwt", "jwks_ca"), jwt.jwks_ca))
+    problems = []
+
+    def check(loc: Loc, attempt: Callable[[], object]) -> None:
+        try:
+            attempt()
+        except (OSError, ssl.SSLError, ValueError) as e:
+            problems.append(Problem(doc.file, doc.line(loc), f"{_dotted(loc)}: {getattr(e, 'strerror', None) or e}"))
+
+    for loc, cert, key in pairs:
+        if cert and key:
+            check(loc + ("cert",), lambda: ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(base / cert, base / key))
+    for loc, bundle in bundles:
+        if bundle:
+            check(loc, lambda: ssl.create_default_context(cafile=base / bundle))
+    if jwt is not None and jwt.jwks_file:
+        check(("auth", "jwt", "jwks_file"), lambda: _key_set(base / jwt.jwks_file))
+    return problems
+
+
+def _key_set(path: Path) -> object:
+    """Parse a JWKS file as the verifier will (PyJWT), its errors as ValueError."""
+    import jwt
+
+    try:
+        return jwt.PyJWKSet.from_json(path.read_text())
+    except jwt.PyJWTError as e:
+        raise ValueError(f"not a usable JWKS: {e}") from None
+
+
 def _dotted(loc: Loc) -> str:
     return ".".join(str(p) for p in loc) or "<document>"
 
@@ -603,6 +648,9 @@ def load(gateway_path: str | Path) -> Loaded:
     gateway_path = Path(gateway_path)
     gateway_doc = _read(gateway_path)
     gateway = gateway_doc.parse(GatewayConfig)
+    problems = _file_problems(gateway_doc, gateway, gateway_path.parent)
+    if problems:
+        raise ConfigError(problems)
     # absolute, not resolved: a Kubernetes ConfigMap swaps a symlink, and the link is what to watch
     routing_path = (gateway_path.parent / gateway.routing_file).absolute()
     if not routing_path.is_file():

@@ -1,10 +1,15 @@
-"""The request path, top to bottom. Frontends decode a protocol into a Call, this module decides
-what happens to it, and frontends encode the answer. Later rooms (security, validation, drift,
-audit) slot in here, in this order, and nowhere else.
+"""The request path, top to bottom. Frontends decode a protocol into a Call (with the caller's
+principal, from a verified client certificate or bearer token), this module decides what happens
+to it, and frontends encode the answer. Later rooms (drift, audit) slot in here, in this order,
+and nowhere else.
 
+    access.check(principal, model, "infer")         access rules (UNAUTHENTICATED / PERMISSION_DENIED)
     route    = routes.resolve(call.model)             public name -> route (NOT_FOUND)
-    limits.admit(client, model)                       rate limits: model, client, global (RESOURCE_EXHAUSTED)
+    check_layout(request)                             tensor bytes agree with shapes (INVALID_ARGUMENT)
+    limits.admit(client, model)                       rate limits: model, client (principal), global (RESOURCE_EXHAUSTED)
     decision = route.decide(version, headers, ...)    version, pin, blue-green, sticky or weight
+    validator.check(request)                          the target's schema and the route's value rules
+                                                      (INVALID_ARGUMENT, or counted only in observe mode)
     response = await _send(target, ...)               through the target's cap and breaker; raw bytes + rename,
                                                       deadline = min(client's, route's)
       on UNAVAILABLE / NOT_FOUND / DEADLINE_EXCEEDED:  route.fallback.answer(...), marked degraded
@@ -21,11 +26,13 @@ from typing import Any, Callable, Mapping
 
 import grpc
 
-from gateway.errors import DeadlineExceeded, GatewayError
+from gateway.errors import DeadlineExceeded, GatewayError, PermissionDenied, Unauthenticated
 from gateway.observability.metrics import Metrics
+from gateway.protocol.tensors import check_layout
 from gateway.protocol.wire import pb
 from gateway.routing.shadow import ShadowDispatcher
 from gateway.routing.table import Route, RouteTable, Target
+from gateway.security.principal import Principal
 
 UNKNOWN = "<unknown>"  # metric label for names the routing file does not publish
 # Codes that say the request was bad, not the target: they do not count against a canary.
@@ -44,10 +51,11 @@ class Call:
     request_id: str                     # the client's own id ("" if none): answers carry it back
     raw: bytes                          # the serialized ModelInferRequest, forwarded as is
     protocol: str                       # "grpc" or "http": a metric label
-    client: str                         # the caller's address: the per-client rate-limit key
+    client: str                         # the caller's address
     headers: Mapping[str, str]          # gRPC metadata or HTTP headers, lower-case names
-    request: pb.ModelInferRequest | None = None   # the parsed form, for parameters
+    request: pb.ModelInferRequest       # the parsed form: parameters, tensors to validate
     time_remaining: float | None = None  # the client's deadline, seconds from now
+    principal: Principal | None = None   # who is calling (None: no credentials)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +85,18 @@ class DataPlane:
         target: Target | None = None
         try:
             routes = self.routes
+            self.authorize(call.principal, call.model, "infer")
             route = routes.resolve(call.model)
             model = route.public
+            check_layout(call.request)
             if route.limited:
-                await routes.limits.admit(call.client, model, route.bucket)
+                client = call.principal.name if call.principal is not None else call.client
+                await routes.limits.admit(client, model, route.bucket)
             decision = route.decide(call.version, call.headers, call.request)
             target = decision.target
             target_name = target.name
+            if route.validation is not None:
+                await self._validate(route, target, call)
             response = await _send(target, call.raw + decision.suffix, _timeout(target, call.time_remaining),
                                    call.request_id)
         except GatewayError as e:
@@ -92,7 +105,7 @@ class DataPlane:
                 raise
             if route.tracks_outcomes and e.code not in _CLIENT_FAULTS:
                 target.stats.record(False, self._clock() - start)
-            if route.fallback is None or e.code not in _FALLBACK_ON or call.request is None:
+            if route.fallback is None or e.code not in _FALLBACK_ON:
                 raise
             raw, rules = route.fallback.answer(call.request, route.public)
             code, target_name = "OK", FALLBACK_TARGET
@@ -112,16 +125,39 @@ class DataPlane:
             self.shadows.offer(route, call, target, response)
         return Answer(response + target.response_suffix, target_name)
 
-    # ---- the metadata side of the protocol: resolve the route, ask its backend, rename back
+    def authorize(self, principal: Principal | None, model: str, action: str) -> None:
+        """Apply the access rules in force, counting the decision per principal and model."""
+        routes = self.routes
+        access = routes.access
+        allowed = access.rule_for(principal, model, action) is not None
+        # names outside the routing file are one label: callers choose them, cardinality must not follow
+        self.metrics.access(principal.name if principal else "", model if model in routes.routes else UNKNOWN, action, allowed)
+        if not allowed:
+            access.check(principal, model, action)
 
-    def _target(self, model: str, version: str) -> tuple[Route, Target, str]:
+    async def _validate(self, route: Route, target: Target, call: Call) -> None:
+        """The route's edge checks against the target's compiled schema; a violation is refused
+        (reject mode) or only counted (observe mode)."""
+        schemas = route.validation
+        validator = schemas.ready(target.backend, target.model, target.version) or \
+            await schemas.validator(target.backend, target.model, target.version)
+        violation = validator.check(call.request, len(call.raw))
+        if violation is not None:
+            self.metrics.violation(route.public, violation.input, violation.rule, schemas.spec.mode)
+            if schemas.spec.mode == "reject":
+                raise violation.error()
+
+    # ---- the metadata side of the protocol: authorize, resolve the route, ask its backend, rename back
+
+    def _target(self, model: str, version: str, principal: Principal | None) -> tuple[Route, Target, str]:
         """The route, the target that describes it, and the backend version to ask for."""
+        self.authorize(principal, model, "metadata")
         route = self.routes.resolve(model)
         target = route.decide(version, {}, None).target if version else route.default_target()
         return route, target, version or target.version
 
-    async def model_metadata(self, model: str, version: str) -> pb.ModelMetadataResponse:
-        route, target, version = self._target(model, version)
+    async def model_metadata(self, model: str, version: str, principal: Principal | None) -> pb.ModelMetadataResponse:
+        route, target, version = self._target(model, version, principal)
         answer = pb.ModelMetadataResponse()
         answer.CopyFrom(await target.backend.cached("ModelMetadata", target.model, version))
         answer.name = route.public
@@ -130,25 +166,30 @@ class DataPlane:
             answer.versions[:] = served
         return answer
 
-    async def model_config(self, model: str, version: str) -> pb.ModelConfigResponse:
-        route, target, version = self._target(model, version)
+    async def model_config(self, model: str, version: str, principal: Principal | None) -> pb.ModelConfigResponse:
+        route, target, version = self._target(model, version, principal)
         answer = pb.ModelConfigResponse()
         answer.CopyFrom(await target.backend.cached("ModelConfig", target.model, version))
         answer.config.name = route.public
         return answer
 
-    async def model_ready(self, model: str, version: str) -> bool:
-        """False, as Triton answers, for an unknown model or version too."""
+    async def model_ready(self, model: str, version: str, principal: Principal | None) -> bool:
+        """False, as Triton answers, for an unknown model or version too (a caller the access
+        rules refuse gets their error instead)."""
         try:
-            _, target, version = self._target(model, version)
+            _, target, version = self._target(model, version, principal)
             answer = await target.backend.call("ModelReady", pb.ModelReadyRequest(name=target.model, version=version))
+        except (Unauthenticated, PermissionDenied):
+            raise
         except GatewayError:
             return False
         return bool(answer.ready)
 
-    async def model_statistics(self, model: str, version: str) -> pb.ModelStatisticsResponse:
-        """Statistics of every target of one public model (or of all published ones)."""
-        routes = [self.routes.resolve(model)] if model else list(self.routes.routes.values())
+    async def model_statistics(self, model: str, version: str, principal: Principal | None) -> pb.ModelStatisticsResponse:
+        """Statistics of every target of one public model (or of all published ones the caller may see)."""
+        if model:
+            self.authorize(principal, model, "metadata")
+        routes = [self.routes.resolve(model)] if model else self._visible(principal)
         answer = pb.ModelStatisticsResponse()
         for route in routes:
             for target in route.targets.values():
@@ -161,11 +202,12 @@ class DataPlane:
                     answer.model_stats.append(entry)
         return answer
 
-    async def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
-        """The published models as Triton lists them: public names, the versions each route serves."""
+    async def repository_index(self, ready_only: bool, principal: Principal | None) -> pb.RepositoryIndexResponse:
+        """The published models the caller may see, as Triton lists them: public names, the
+        versions each route serves."""
         answer = pb.RepositoryIndexResponse()
         indexes: dict[Any, Any] = {}
-        for route in self.routes.routes.values():
+        for route in self._visible(principal):
             for target in route.targets.values():
                 if target.backend not in indexes:
                     indexes[target.backend] = await target.backend.call(
@@ -174,6 +216,10 @@ class DataPlane:
                     if entry.name == target.model and (not target.version or entry.version == target.version):
                         answer.models.add(name=route.public, version=entry.version, state=entry.state, reason=entry.reason)
         return answer
+
+    def _visible(self, principal: Principal | None) -> list[Route]:
+        access = self.routes.access
+        return [r for r in self.routes.routes.values() if access.rule_for(principal, r.public, "metadata") is not None]
 
     def ready(self) -> bool:
         """Ready while every route has a target whose backend answered its last health probe

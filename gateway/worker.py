@@ -18,6 +18,9 @@ from gateway.observability.metrics import Metrics
 from gateway.routing.live import LiveRouting
 from gateway.routing.rollout import RolloutController
 from gateway.routing.shadow import ShadowDispatcher
+from gateway.security.identity import Authenticator
+from gateway.security.jwt import JwtVerifier
+from gateway.security.tls import ListenerTls, channel_credentials
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,11 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool) -> None:
     """Run the gateway until a stop signal, then drain within drain_timeout_s. The leader (the
     only worker, or worker 0) runs the rollout controller."""
     cfg = loaded.gateway
+    base = loaded.gateway_path.parent
     metrics = Metrics()
-    backends = {name: TritonBackend(name, spec, cfg.max_message_bytes, metrics.retry) for name, spec in cfg.backends.items()}
+    backends = {name: TritonBackend(name, spec, cfg.max_message_bytes, metrics.retry,
+                                    channel_credentials(spec.tls, base) if spec.tls else None)
+                for name, spec in cfg.backends.items()}
     await asyncio.gather(*(b.probe() for b in backends.values()))
     for backend in backends.values():
         backend.start()
@@ -51,18 +57,30 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool) -> None:
         controller = RolloutController(lambda: live.table, lambda: live.states, live.update)
         background.append(asyncio.create_task(controller.run()))
     lifecycle = _Lifecycle(dataplane)
+    jwt = JwtVerifier(cfg.auth.jwt, base) if cfg.auth.jwt else None
+    if jwt is not None:
+        await jwt.start()
+    authenticator = Authenticator(jwt)
+    tls = ListenerTls(cfg.tls, base, metrics.tls_reload) if cfg.tls else None
+    if tls is not None:
+        background.append(asyncio.create_task(tls.watch()))
+    on_tls = (lambda name: tls is not None and name in tls.spec.listeners)
 
     listeners = cfg.listeners
-    grpc_server = grpc_frontend.server(grpc_frontend.GrpcFrontend(dataplane, lifecycle.ready),
-                                      listeners.grpc.host, listeners.grpc.port, cfg.max_message_bytes, reuse_port)
+    grpc_server = grpc_frontend.server(
+        grpc_frontend.GrpcFrontend(dataplane, lifecycle.ready, authenticator,
+                                   peer_certs=on_tls("grpc") and tls.spec.client_auth != "none"),
+        listeners.grpc.host, listeners.grpc.port, cfg.max_message_bytes, reuse_port,
+        tls.grpc_credentials() if on_tls("grpc") else None)
     await grpc_server.start()
     runners = []
-    for application, listener in ((HttpFrontend(dataplane, lifecycle.ready).app(cfg.max_message_bytes), listeners.http),
-                                  (admin.app(lifecycle.ready, live), listeners.admin)):
+    for name, application, listener in (
+            ("http", HttpFrontend(dataplane, lifecycle.ready, authenticator).app(cfg.max_message_bytes), listeners.http),
+            ("admin", admin.app(lifecycle.ready, live, authenticator, dataplane.authorize), listeners.admin)):
         runner = web.AppRunner(application, access_log=None, shutdown_timeout=cfg.drain_timeout_s)
         await runner.setup()
-        await web.TCPSite(runner, listener.host, listener.port, reuse_port=reuse_port,
-                          shutdown_timeout=cfg.drain_timeout_s).start()
+        await web.TCPSite(runner, listener.host, listener.port, reuse_port=reuse_port, shutdown_timeout=cfg.drain_timeout_s,
+                          ssl_context=tls.http_context() if on_tls(name) else None).start()
         runners.append(runner)
 
     stop = asyncio.Event()
@@ -70,9 +88,12 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, live.reload, "SIGHUP")
-    log.info("serving: grpc %s:%d, http %s:%d, admin %s:%d; routes: %s",
+    log.info("serving: grpc %s:%d, http %s:%d, admin %s:%d%s; routes: %s",
              listeners.grpc.host, listeners.grpc.port, listeners.http.host, listeners.http.port,
-             listeners.admin.host, listeners.admin.port, ", ".join(sorted(live.table.routes)))
+             listeners.admin.host, listeners.admin.port, f" (TLS on {', '.join(tls.spec.listeners)})" if tls else "",
+             ", ".join(sorted(live.table.routes)))
+    if live.table.config.access is None:
+        log.warning("routing file has no 'access' rules: inference and metadata are open to any caller, the admin API is closed")
     await stop.wait()
 
     log.info("draining (up to %.1fs)", cfg.drain_timeout_s)
@@ -81,5 +102,7 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool) -> None:
     for task in background:
         task.cancel()
     await shadows.close()
+    if jwt is not None:
+        await jwt.close()
     await asyncio.gather(*(b.close() for b in backends.values()))
     log.info("stopped")

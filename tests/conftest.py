@@ -89,6 +89,7 @@ class OwnTriton(Triton):
     """A Triton a test may kill, stop and restart."""
 
     env: dict
+    args: tuple[str, ...] = ()   # extra tritonserver flags (TLS, ...)
 
     @property
     def pid(self) -> int:
@@ -96,18 +97,19 @@ class OwnTriton(Triton):
         return int((home / f"tritonserver-{self.http_port}.pid").read_text())
 
     def start(self) -> None:
-        subprocess.run([str(TRITON_SCRIPT), "start"], env=self.env, check=True, timeout=120)
+        subprocess.run([str(TRITON_SCRIPT), "start", *self.args], env=self.env, check=True, timeout=120)
 
 
 @pytest.fixture
-def spawn_triton() -> Iterator[Callable[[], OwnTriton]]:
-    """Start Tritons of a test's own, on free ports; all are stopped at teardown."""
+def spawn_triton() -> Iterator[Callable[..., OwnTriton]]:
+    """Start Tritons of a test's own, on free ports, with extra tritonserver flags; all are
+    stopped at teardown."""
     started: list[OwnTriton] = []
 
-    def spawn() -> OwnTriton:
+    def spawn(*args: str) -> OwnTriton:
         ports = free_port(), free_port(), free_port()
         env = dict(os.environ, TRITON_HTTP_PORT=str(ports[0]), TRITON_GRPC_PORT=str(ports[1]), TRITON_METRICS_PORT=str(ports[2]))
-        t = OwnTriton(*ports, env=env)
+        t = OwnTriton(*ports, env=env, args=args)
         t.start()
         started.append(t)
         return t
@@ -140,6 +142,8 @@ class Gateway(Endpoints):
         return self.proc.wait(timeout)
 
 
+# Anyone may do anything: tests of other rooms use the admin API without credentials.
+ADMIN_OPEN = [{"name": "tests", "anonymous": True, "actions": ["infer", "metadata", "admin"]}]
 DEFAULT_ROUTES = {
     "double": {"target": {"backend": "triton", "model": "double"}},
     "classifier": {"target": {"backend": "triton", "model": "classifier", "version": 2}},
@@ -154,7 +158,9 @@ class Launcher:
         self.directory = directory
         self.started: list[Gateway] = []
 
-    def start(self, backend_url: str, routes: dict | None = None, wait_ready: bool = True, **overrides: object) -> Gateway:
+    def start(self, backend_url: str, routes: dict | None = None, wait_ready: bool = True,
+              access: list | None = ADMIN_OPEN, **overrides: object) -> Gateway:
+        """access: the routing file's access rules (default: anyone may do anything, admin included)."""
         http, grpc_, admin = free_port(), free_port(), free_port()
         backend = {"url": backend_url, **overrides.pop("backend", {})}  # type: ignore[dict-item]
         config = {
@@ -167,7 +173,8 @@ class Launcher:
         directory = self.directory / f"gw{len(self.started)}"
         directory.mkdir(parents=True)
         (directory / "gateway.yaml").write_text(yaml.safe_dump(config))
-        (directory / "routing.yaml").write_text(yaml.safe_dump({"models": routes or DEFAULT_ROUTES}))
+        routing = {"models": routes or DEFAULT_ROUTES, **({"access": access} if access is not None else {})}
+        (directory / "routing.yaml").write_text(yaml.safe_dump(routing))
         with open(directory / "gateway.log", "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(directory / "gateway.yaml")],
                                     cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

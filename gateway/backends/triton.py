@@ -26,13 +26,15 @@ class Replica:
     """One Triton endpoint of a backend: pooled channels, calls in flight, consecutive failures
     and ejection (outlier detection, as Envoy does it)."""
 
-    def __init__(self, url: str, config: BackendConfig, options: list[tuple[str, Any]]) -> None:
+    def __init__(self, url: str, config: BackendConfig, options: list[tuple[str, Any]],
+                 credentials: grpc.ChannelCredentials | None) -> None:
         self.url = url
         self.healthy = False
         self.outstanding = 0
         self.failures = 0
         self.ejected_until = 0.0
-        self.channels = [grpc.aio.insecure_channel(url, options=options) for _ in range(config.channels)]
+        self.channels = [grpc.aio.secure_channel(url, credentials, options=options) if credentials else
+                         grpc.aio.insecure_channel(url, options=options) for _ in range(config.channels)]
         infers = [ch.unary_unary(_INFER, request_serializer=None, response_deserializer=None) for ch in self.channels]
         self._next_infer: Callable[[], Any] = itertools.cycle(infers).__next__
         self._streams = StreamPool(self.channels, config.streams, self._unary) if config.transport == "stream" else None
@@ -80,7 +82,9 @@ class TritonBackend:
     a replica that fails is retried elsewhere within the retry budget and the deadline."""
 
     def __init__(self, name: str, config: BackendConfig, max_message_bytes: int,
-                 on_retry: Callable[[str, str], None] = lambda backend, result: None) -> None:
+                 on_retry: Callable[[str, str], None] = lambda backend, result: None,
+                 tls: tuple[grpc.ChannelCredentials, list[tuple[str, Any]]] | None = None) -> None:
+        """tls: channel credentials and their options, for TLS or mutual TLS to Triton."""
         self.name = name
         self.config = config
         options = [
@@ -93,8 +97,9 @@ class TritonBackend:
             ("grpc.max_reconnect_backoff_ms", 1000),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.use_local_subchannel_pool", 1),  # one TCP connection per channel, not one shared
+            *(tls[1] if tls else ()),
         ]
-        self.replicas = [Replica(url, config, options) for url in config.endpoints()]
+        self.replicas = [Replica(url, config, options, tls[0] if tls else None) for url in config.endpoints()]
         self.budget = RetryBudget(config.retry_budget)
         self._on_retry = on_retry
         self._cache: dict[tuple[str, str, str], tuple[float, Any]] = {}

@@ -1,4 +1,5 @@
-"""The admin listener: Prometheus metrics, liveness and readiness, and the routing admin API.
+"""The admin listener: Prometheus metrics, liveness and readiness (open, for scrapers and
+probes), and the routing admin API (only for callers an access rule grants `admin`).
 
 Routing changes made here are runtime overrides, not edits of routing.yaml: they are kept in
 the state file (`state_file`, by default `<routing file>.state.json`) so every worker applies
@@ -12,11 +13,15 @@ from typing import Any, Callable
 import orjson
 from aiohttp import web
 
-from gateway.frontends.http import json_response
+from gateway.frontends.http import errors, json_response, principal
 from gateway.observability.metrics import exposition
 from gateway.routing.live import LiveRouting
 from gateway.routing.state import RolloutStatus, RouteState
 from gateway.routing.table import Route
+from gateway.security.identity import Authenticator
+from gateway.security.principal import Principal
+
+Authorize = Callable[[Principal | None, str, str], None]
 
 
 def describe(route: Route, state: RouteState | None) -> dict[str, Any]:
@@ -48,7 +53,8 @@ class _BadRequest(Exception):
     pass
 
 
-def app(is_ready: Callable[[], bool], live: LiveRouting) -> web.Application:
+def app(is_ready: Callable[[], bool], live: LiveRouting, authenticator: Authenticator, authorize: Authorize) -> web.Application:
+    """`authorize(principal, model, "admin")` raises when the access rules refuse the caller."""
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=exposition(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
@@ -60,11 +66,17 @@ def app(is_ready: Callable[[], bool], live: LiveRouting) -> web.Application:
         return web.Response(text="ready\n" if ok else "not ready\n", status=200 if ok else 503)
 
     async def routes(request: web.Request) -> web.Response:
-        return json_response([describe(r, live.states.get(r.public)) for r in live.table.routes.values()])
+        """The routes the caller may administer."""
+        caller, table = principal(request, authenticator), live.table
+        shown = [r for r in table.routes.values() if table.access.rule_for(caller, r.public, "admin") is not None]
+        if not shown:
+            authorize(caller, "", "admin")  # refused for every model: say so (401 / 403) rather than list nothing
+        return json_response([describe(r, live.states.get(r.public)) for r in shown])
 
     async def change(request: web.Request) -> web.Response:
         """POST /admin/routes/{model}/{weights|active|promote|rollback|reset}."""
         model, action = request.match_info["model"], request.match_info["action"]
+        authorize(principal(request, authenticator), model, "admin")
         route = live.table.routes.get(model)
         if route is None:
             return json_response({"error": f"unknown model {model!r}"}, 404)
@@ -79,7 +91,7 @@ def app(is_ready: Callable[[], bool], live: LiveRouting) -> web.Application:
             return json_response({"error": f"cannot persist the change to {live.state_file.path}: {e}"}, 503)
         return json_response(describe(live.table.routes[model], live.states.get(model)))
 
-    application = web.Application()
+    application = web.Application(middlewares=[errors])
     application.router.add_get("/metrics", metrics)
     application.router.add_get("/live", alive)
     application.router.add_get("/ready", ready)

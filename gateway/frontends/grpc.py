@@ -16,6 +16,8 @@ from gateway import __version__
 from gateway.dataplane import Call, DataPlane
 from gateway.errors import GatewayError, InvalidArgument
 from gateway.protocol.wire import SERVICE, parameter_text, pb, stream_error, stream_response
+from gateway.security.identity import Authenticator
+from gateway.security.principal import Principal
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +30,15 @@ EXTENSIONS = ("classification", "sequence", "model_configuration", "binary_tenso
 
 
 class GrpcFrontend:
-    """The servicer; `handler()` is what a grpc.aio server registers."""
+    """The servicer; `handler()` is what a grpc.aio server registers. `peer_certs`: the listener
+    asks for client certificates, so the verified one names the caller."""
 
-    def __init__(self, dataplane: DataPlane, is_ready: Callable[[], bool]) -> None:
+    def __init__(self, dataplane: DataPlane, is_ready: Callable[[], bool], authenticator: Authenticator,
+                 peer_certs: bool = False) -> None:
         self.dataplane = dataplane
         self.is_ready = is_ready
+        self.authenticator = authenticator
+        self.peer_certs = peer_certs
 
     def handler(self) -> grpc.GenericRpcHandler:
         def unary(fn: Callable[..., Awaitable[Any]], request_type: type, response_type: type) -> grpc.RpcMethodHandler:
@@ -53,7 +59,7 @@ class GrpcFrontend:
         })
 
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        answer = await self.dataplane.infer(_call(raw, context))
+        answer = await self.dataplane.infer(self._call(raw, context))
         trailers = [(TARGET_HEADER, answer.target)]
         if answer.fallback:
             trailers.append((FALLBACK_HEADER, answer.fallback))
@@ -88,7 +94,7 @@ class GrpcFrontend:
             try:
                 async for raw in requests:
                     try:
-                        call = _call(raw, context)
+                        call = self._call(raw, context)
                     except GatewayError as e:
                         answers.put_nowait(stream_error(e.message, ""))
                         continue
@@ -121,22 +127,40 @@ class GrpcFrontend:
         return pb.ServerReadyResponse(ready=self.is_ready())
 
     async def model_ready(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=await self.dataplane.model_ready(request.name, request.version))
+        return pb.ModelReadyResponse(ready=await self.dataplane.model_ready(request.name, request.version, self._principal(context)))
 
     async def server_metadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="infergate", version=__version__, extensions=EXTENSIONS)
 
     async def model_metadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        return await self.dataplane.model_metadata(request.name, request.version)
+        return await self.dataplane.model_metadata(request.name, request.version, self._principal(context))
 
     async def model_config(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        return await self.dataplane.model_config(request.name, request.version)
+        return await self.dataplane.model_config(request.name, request.version, self._principal(context))
 
     async def model_statistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
-        return await self.dataplane.model_statistics(request.name, request.version)
+        return await self.dataplane.model_statistics(request.name, request.version, self._principal(context))
 
     async def repository_index(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
-        return await self.dataplane.repository_index(request.ready)
+        return await self.dataplane.repository_index(request.ready, self._principal(context))
+
+    def _call(self, raw: bytes, context: grpc.aio.ServicerContext) -> Call:
+        try:
+            request = pb.ModelInferRequest.FromString(raw)
+        except DecodeError as e:
+            raise InvalidArgument(f"malformed ModelInferRequest: {e}") from None
+        headers = _Metadata(context)
+        return Call(request.model_name, request.model_version, request.id, raw, "grpc", _client(context.peer()),
+                    headers, request, context.time_remaining(), self._principal(context, headers))  # type: ignore[arg-type]
+
+    def _principal(self, context: grpc.aio.ServicerContext, headers: "_Metadata | None" = None) -> Principal | None:
+        """The caller: a bearer token in the `authorization` metadata, else the verified client certificate."""
+        cert = None
+        if self.peer_certs:
+            pem = context.auth_context().get("x509_pem_cert")
+            cert = pem[0] if pem else None
+        authorization = (headers or _Metadata(context)).get("authorization") if self.authenticator.jwt else None
+        return self.authenticator.identify(cert, authorization)
 
 
 class _Metadata:
@@ -152,15 +176,6 @@ class _Metadata:
         if self._values is None:
             self._values = {k: v for k, v in (self._context.invocation_metadata() or ()) if isinstance(v, str)}
         return self._values.get(key, default)
-
-
-def _call(raw: bytes, context: grpc.aio.ServicerContext) -> Call:
-    try:
-        request = pb.ModelInferRequest.FromString(raw)
-    except DecodeError as e:
-        raise InvalidArgument(f"malformed ModelInferRequest: {e}") from None
-    return Call(request.model_name, request.model_version, request.id, raw, "grpc", _client(context.peer()),
-                _Metadata(context), request, context.time_remaining())  # type: ignore[arg-type]
 
 
 def _client(peer: str) -> str:
@@ -184,8 +199,9 @@ def _guarded(fn: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> C
     return handle
 
 
-def server(frontend: GrpcFrontend, host: str, port: int, max_message_bytes: int, reuse_port: bool) -> grpc.aio.Server:
-    """A grpc.aio server bound to host:port serving the frontend."""
+def server(frontend: GrpcFrontend, host: str, port: int, max_message_bytes: int, reuse_port: bool,
+           credentials: grpc.ServerCredentials | None = None) -> grpc.aio.Server:
+    """A grpc.aio server bound to host:port serving the frontend, over TLS given credentials."""
     srv = grpc.aio.server(options=[
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -194,6 +210,8 @@ def server(frontend: GrpcFrontend, host: str, port: int, max_message_bytes: int,
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ])
     srv.add_generic_rpc_handlers((frontend.handler(),))
-    if srv.add_insecure_port(f"{host}:{port}") == 0:
+    address = f"{host}:{port}"
+    bound = srv.add_secure_port(address, credentials) if credentials else srv.add_insecure_port(address)
+    if bound == 0:
         raise OSError(f"cannot bind gRPC listener to {host}:{port}")
     return srv

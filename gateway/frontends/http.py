@@ -16,6 +16,8 @@ from gateway.frontends.grpc import EXTENSIONS, FALLBACK_HEADER, TARGET_HEADER
 from gateway.protocol import http_codec
 from gateway.protocol.messages import to_json
 from gateway.protocol.wire import pb
+from gateway.security.identity import Authenticator
+from gateway.security.principal import Principal
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = 
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except GatewayError as e:
@@ -39,15 +41,24 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return json_response({"error": "internal gateway error"}, 500)
 
 
+def principal(request: web.Request, authenticator: Authenticator) -> Principal | None:
+    """The caller: a bearer token in Authorization, else the client certificate TLS verified."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return authenticator.identify(cert, request.headers.get("Authorization"))
+
+
 class HttpFrontend:
     """Route handlers over the shared dataplane."""
 
-    def __init__(self, dataplane: DataPlane, is_ready: Callable[[], bool]) -> None:
+    def __init__(self, dataplane: DataPlane, is_ready: Callable[[], bool], authenticator: Authenticator) -> None:
         self.dataplane = dataplane
         self.is_ready = is_ready
+        self.authenticator = authenticator
 
     def app(self, max_message_bytes: int) -> web.Application:
-        app = web.Application(client_max_size=max_message_bytes, middlewares=[_errors])
+        app = web.Application(client_max_size=max_message_bytes, middlewares=[errors])
         model = "/v2/models/{model}"
         versioned = "/v2/models/{model}/versions/{version}"
         app.router.add_get("/v2/health/live", self.live)
@@ -65,11 +76,13 @@ class HttpFrontend:
 
     async def infer(self, request: web.Request) -> web.Response:
         model, version = request.match_info["model"], request.match_info.get("version", "")
+        caller = principal(request, self.authenticator)
         body = await request.read()
         infer_request, plan = http_codec.decode_request(
             body, request.headers.get(http_codec.HEADER_LENGTH), model, version)
         answer = await self.dataplane.infer(Call(model, version, infer_request.id, infer_request.SerializeToString(),
-                                                 "http", request.remote or "", request.headers, infer_request))
+                                                 "http", request.remote or "", request.headers, infer_request,
+                                                 principal=caller))
         out, header_length = http_codec.encode_response(pb.ModelInferResponse.FromString(answer.raw), plan)
         headers = {TARGET_HEADER: answer.target}
         if answer.fallback:
@@ -93,20 +106,20 @@ class HttpFrontend:
         return json_response({"name": "infergate", "version": __version__, "extensions": list(EXTENSIONS)})
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        m = request.match_info
-        return json_response(to_json(await self.dataplane.model_metadata(m["model"], m.get("version", ""))))
+        m, caller = request.match_info, principal(request, self.authenticator)
+        return json_response(to_json(await self.dataplane.model_metadata(m["model"], m.get("version", ""), caller)))
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        m = request.match_info
-        return web.Response(status=200 if await self.dataplane.model_ready(m["model"], m.get("version", "")) else 400)
+        m, caller = request.match_info, principal(request, self.authenticator)
+        return web.Response(status=200 if await self.dataplane.model_ready(m["model"], m.get("version", ""), caller) else 400)
 
     async def model_config(self, request: web.Request) -> web.Response:
-        m = request.match_info
-        return json_response(to_json((await self.dataplane.model_config(m["model"], m.get("version", ""))).config))
+        m, caller = request.match_info, principal(request, self.authenticator)
+        return json_response(to_json((await self.dataplane.model_config(m["model"], m.get("version", ""), caller)).config))
 
     async def statistics(self, request: web.Request) -> web.Response:
-        m = request.match_info
-        return json_response(to_json(await self.dataplane.model_statistics(m.get("model", ""), m.get("version", ""))))
+        m, caller = request.match_info, principal(request, self.authenticator)
+        return json_response(to_json(await self.dataplane.model_statistics(m.get("model", ""), m.get("version", ""), caller)))
 
     async def repository_index(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -114,4 +127,5 @@ class HttpFrontend:
             ready_only = bool(orjson.loads(body).get("ready", False)) if body else False
         except (orjson.JSONDecodeError, AttributeError):
             return json_response({"error": "failed to parse the request JSON buffer"}, 400)
-        return json_response(to_json(await self.dataplane.repository_index(ready_only))["models"])
+        caller = principal(request, self.authenticator)
+        return json_response(to_json(await self.dataplane.repository_index(ready_only, caller))["models"])

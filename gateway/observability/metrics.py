@@ -33,6 +33,15 @@ class Metrics:
         self.retries = Counter("infergate_backend_retries_total", "Retries on another replica: sent, or refused as over the retry budget",
                                ["backend", "result"])
         self.reloads = Counter("infergate_config_reloads_total", "Routing reloads by result (ok, rejected)", ["result"])
+        self.decisions = Counter("infergate_access_decisions_total", "Access decisions by principal, model, action and result",
+                                 ["principal", "model", "action", "decision"])
+        self.violations = Counter("infergate_validation_violations_total",
+                                  "Requests failing an edge check, by model, input, rule and mode (reject refuses, observe only counts)",
+                                  ["model", "input", "rule", "mode"])
+        self.tls_reloads = Counter("infergate_tls_reloads_total", "Listener certificate loads by result (ok, rejected)", ["result"])
+        self.tls_expiry = Gauge("infergate_tls_certificate_expiry_timestamp_seconds",
+                                "When the listener certificate in use expires (Unix time)", multiprocess_mode="livemin")
+        self._decided: dict[tuple[str, str, str, bool], Any] = {}
         self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         self._weighted: set[tuple[str, str]] = set()
 
@@ -71,6 +80,21 @@ class Metrics:
 
     def reload(self, result: str) -> None:
         self.reloads.labels(result).inc()
+
+    def access(self, principal: str, model: str, action: str, allowed: bool) -> None:
+        key = (principal, model, action, allowed)
+        child = self._decided.get(key)
+        if child is None:
+            child = self._decided[key] = self.decisions.labels(principal or "anonymous", model, action,
+                                                               "allow" if allowed else "deny")
+        child.inc()
+
+    def violation(self, model: str, input_name: str, rule: str, mode: str) -> None:
+        self.violations.labels(model, input_name, rule, mode).inc()
+
+    def tls_reload(self, result: str, expiry: float) -> None:
+        self.tls_reloads.labels(result).inc()
+        self.tls_expiry.set(expiry)
 
 
 def exposition() -> bytes:

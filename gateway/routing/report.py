@@ -30,9 +30,11 @@ def table_lines(routes: list[dict[str, Any]]) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[-1] for r in rows]
 
 
-def print_routes(admin: str, as_json: bool) -> int:
+def print_routes(admin: str, as_json: bool, token: str | None = None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(f"{admin.rstrip('/')}/admin/routes", timeout=5) as answer:
+        with urllib.request.urlopen(urllib.request.Request(f"{admin.rstrip('/')}/admin/routes", headers=headers),
+                                    timeout=5) as answer:
             routes = json.loads(answer.read())
     except (urllib.error.URLError, OSError) as e:
         print(f"cannot read {admin}/admin/routes: {e}", file=sys.stderr)

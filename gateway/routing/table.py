@@ -21,6 +21,8 @@ from gateway.resilience.limits import Limits, bucket
 from gateway.protocol.wire import override, parameter_text, pb
 from gateway.routing.split import Split
 from gateway.routing.state import RouteState, TargetStats
+from gateway.security.access import Policy
+from gateway.validation import Schemas
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -74,6 +76,7 @@ class Route:
     fallback: RuleSet | None = None
     bucket: AsyncLimiter | None = None    # this model's rate limit
     limited: bool = False                 # any rate limit applies (model, client or global)
+    validation: Schemas | None = None     # edge checks, compiled per target from Triton's schema + YAML
     by_version: dict[str, Target] = field(default_factory=dict)
 
     def decide(self, version: str, headers: Mapping[str, str], request: pb.ModelInferRequest | None) -> Decision:
@@ -115,12 +118,14 @@ class Route:
 
 
 class RouteTable:
-    """All published models and the limits across them; `resolve` is the only lookup on the request path."""
+    """All published models, the limits across them and the access rules; `resolve` is the only
+    route lookup on the request path."""
 
     def __init__(self, routes: Mapping[str, Route], config: RoutingConfig, limits: Limits) -> None:
         self.routes = dict(routes)
         self.config = config
         self.limits = limits
+        self.access = Policy(config.access)
 
     def resolve(self, public: str) -> Route:
         route = self.routes.get(public)
@@ -172,6 +177,7 @@ def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
             fallback=RuleSet(spec.fallback) if spec.fallback else None,
             bucket=bucket(spec.rate_limit) if spec.rate_limit else None,
             limited=limits.applies(spec.rate_limit),
+            validation=Schemas(spec.validation) if spec.validation else None,
             by_version=by_version,
         )
     return RouteTable(routes, config, limits)

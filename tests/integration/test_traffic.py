@@ -21,7 +21,7 @@ import tritonclient.grpc.aio as grpc_aio
 import tritonclient.http as httpclient
 import yaml
 
-from tests.conftest import ROOT, metric
+from tests.conftest import ADMIN_OPEN, ROOT, metric
 from tests.routing_cases import BROKEN
 
 V1 = {"backend": "triton", "model": "classifier", "version": 1}
@@ -68,7 +68,7 @@ def admin(gw, path: str, body: dict | None = None) -> object:
 
 def write_routes(gw, models: dict | str) -> None:
     path = gw.config_path.parent / "routing.yaml"
-    text = models if isinstance(models, str) else yaml.safe_dump({"models": models})
+    text = models if isinstance(models, str) else yaml.safe_dump({"models": models, "access": ADMIN_OPEN})
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -245,7 +245,7 @@ def test_configmap_symlink_swap_is_picked_up(triton, start_gateway, tmp_path):
     for i, routes in enumerate((split(100, 0), split(0, 100), split(100, 0))):
         version = directory / f"..v{i}"
         version.mkdir()
-        (version / "routing.yaml").write_text(yaml.safe_dump({"models": routes}))
+        (version / "routing.yaml").write_text(yaml.safe_dump({"models": routes, "access": ADMIN_OPEN}))
         link = directory / "..data_tmp"
         link.symlink_to(version.name)
         os.replace(link, directory / "..data")

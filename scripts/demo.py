@@ -48,7 +48,8 @@ def main() -> int:
         print(f"gRPC  no-such-model -> {e.status()}: {e.message()}")
 
     metrics = urllib.request.urlopen(f"{ADMIN}/metrics").read().decode()
-    wanted = ("infergate_requests_total", "infergate_shadow_requests_total", "infergate_route_weight")
+    wanted = ("infergate_requests_total", "infergate_shadow_requests_total", "infergate_route_weight",
+              "infergate_validation_violations_total", "infergate_access_decisions_total")
     print("metrics:", *[l for l in metrics.splitlines() if l.startswith(wanted)], sep="\n  ")
     print("\nlive routes (infergate routes):")
     print("\n".join("  " + line for line in table_lines(orjson.loads(urllib.request.urlopen(f"{ADMIN}/admin/routes").read()))))

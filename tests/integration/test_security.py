@@ -187,16 +187,21 @@ def test_bearer_tokens_name_the_caller(mtls_gateway, pki):
 
 
 def test_admin_api_needs_a_rule(mtls_gateway, pki):
-    def admin(token: str | None) -> int:
+    def admin(token: str | None, path: str = "/admin/routes") -> int:
         connection = http.client.HTTPConnection("127.0.0.1", mtls_gateway.admin_port, timeout=5)
-        connection.request("GET", "/admin/routes", headers={"Authorization": f"Bearer {token}"} if token else {})
+        connection.request("POST" if path.endswith("reset") else "GET", path,
+                           headers={"Authorization": f"Bearer {token}"} if token else {})
         response = connection.getresponse()
         response.read()
         return response.status
 
+    ops = pki.token(sub="alice", groups=["ml-ops"])
     assert admin(None) == 401
     assert admin(pki.token(team="risk")) == 403
-    assert admin(pki.token(sub="alice", groups=["ml-ops"])) == 200
+    assert admin(ops) == 200
+    assert admin(None, "/admin/routes/double/reset") == 401
+    assert admin(pki.token(team="risk"), "/admin/routes/double/reset") == 403
+    assert admin(ops, "/admin/routes/double/reset") == 200
     probe = http.client.HTTPConnection("127.0.0.1", mtls_gateway.admin_port, timeout=5)
     probe.request("GET", "/ready")
     assert probe.getresponse().status == 200  # probes and /metrics stay open

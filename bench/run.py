@@ -32,6 +32,9 @@ import tritonclient.grpc as triton_grpc
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests.certs import CertAuthority  # noqa: E402  (the repo root must be on sys.path first)
+
 BENCH = REPO / "bench"
 TRITON_SH = REPO / "scripts" / "triton-cpu.sh"
 # The same environment as scripts/triton-cpu.sh, so a Triton it starts elsewhere can be benched.
@@ -76,6 +79,7 @@ class Target:
     process: subprocess.Popen[bytes] | None = None
     description: str = ""
     model: str = MODEL      # the model name perf_analyzer asks this target for
+    perf_args: dict[str, list[str]] = field(default_factory=dict)  # extra perf_analyzer args per protocol
 
 
 @dataclass
@@ -117,6 +121,50 @@ class Row:
     triton_cpu_us_per_req: float | None = None
     foreign_load: bool = False
     errors: list[str] = field(default_factory=list)
+
+
+class BenchCerts:
+    """The run's certificates for `tls` variants: a CA, the gateway's server certificate (IP
+    127.0.0.1, DNS localhost) and a client certificate with a SPIFFE id for mutual TLS."""
+
+    MODES = ("server", "mutual")
+    SPIFFE_ID = "spiffe://bench.infergate/perf-analyzer"
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir()
+        ca = CertAuthority(directory, "bench")
+        self.ca = ca.pem
+        self.server = ca.issue("server", cn="localhost", dns=("localhost",), ips=("127.0.0.1",), server=True)
+        self.client = ca.issue("client", uris=(self.SPIFFE_ID,))
+
+    def gateway_tls(self, mode: str) -> dict[str, Any]:
+        """gateway.yaml's `tls` section: TLS on http and grpc; `mutual` requires a client certificate."""
+        tls: dict[str, Any] = {"cert": str(self.server.cert), "key": str(self.server.key),
+                               "listeners": ["http", "grpc"]}
+        if mode == "mutual":
+            tls |= {"client_ca": str(self.ca), "client_auth": "require"}
+        return tls
+
+    def perf_args(self, mode: str) -> dict[str, list[str]]:
+        """perf_analyzer's TLS flags per protocol: verify the server against the CA (HTTP: peer and
+        host name); `mutual` also presents the client certificate."""
+        grpc = ["--ssl-grpc-use-ssl", f"--ssl-grpc-root-certifications-file={self.ca}"]
+        http = ["--ssl-https-verify-peer", "1", "--ssl-https-verify-host", "2",
+                "--ssl-https-ca-certificates-file", str(self.ca)]
+        if mode == "mutual":
+            grpc += [f"--ssl-grpc-private-key-file={self.client.key}",
+                     f"--ssl-grpc-certificate-chain-file={self.client.cert}"]
+            http += ["--ssl-https-client-certificate-file", str(self.client.cert),
+                     "--ssl-https-client-certificate-type", "PEM",
+                     "--ssl-https-private-key-file", str(self.client.key), "--ssl-https-private-key-type", "PEM"]
+        return {"grpc": grpc, "http": http}
+
+    def grpc_client(self, mode: str) -> dict[str, Any]:
+        """tritonclient.grpc.InferenceServerClient keyword arguments for the same connection (readiness)."""
+        client: dict[str, Any] = {"ssl": True, "root_certificates": str(self.ca)}
+        if mode == "mutual":
+            client |= {"private_key": str(self.client.key), "certificate_chain": str(self.client.cert)}
+        return client
 
 
 # ---------------------------------------------------------------- arguments
@@ -164,7 +212,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variant", type=parse_variant, action="append", metavar="NAME=KEY:VALUE,...",
                         help="a gateway variant to bench, e.g. stream=transport:stream,workers:2; repeatable. "
                              "workers and other top-level keys set the gateway, `model` the public model to "
-                             "measure (default double), the rest every backend "
+                             "measure (default double), `tls` server|mutual TLS on its listeners, "
+                             "the rest every backend "
                              "(default: one variant 'gateway' with the config unchanged)")
     parser.add_argument("--routing", type=Path, help="routing file for the variants instead of the config's")
     parser.add_argument("--protocols", type=csv_list, default=["grpc", "http"], help="comma list of grpc, http")
@@ -172,6 +221,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int_list, default=[1, 4, 16],
                         help="comma list of perf_analyzer concurrencies")
     parser.add_argument("--window-ms", type=int, default=3000, help="perf_analyzer measurement window (-p)")
+    parser.add_argument("--input-data", default="random",
+                        help="perf_analyzer --input-data: random (random bytes, so also NaN and huge values), zero, "
+                             "or a JSON file; use zero for routes with validation rules")
     parser.add_argument("--rounds", type=int, default=2, help="alternation rounds; results are their median")
     parser.add_argument("--no-forwarder", action="store_true", help="skip the bare gRPC forwarder target")
     parser.add_argument("--no-record", action="store_true", help="do not append the table to bench/RESULTS.md")
@@ -187,6 +239,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rounds < 1 or args.window_ms < 100 or any(c < 1 for c in args.concurrency):
         parser.error("--rounds and --concurrency must be >= 1, --window-ms >= 100")
     args.variant = args.variant or [("gateway", {})]
+    for name, overrides in args.variant:
+        if overrides.get("tls", "server") not in BenchCerts.MODES:
+            parser.error(f"--variant {name}: tls must be one of {', '.join(BenchCerts.MODES)}, "
+                         f"got {overrides['tls']!r}")
     if len({name for name, _ in args.variant} | {"direct", "forwarder"}) != len(args.variant) + 2:
         parser.error("--variant names must be unique and not 'direct' or 'forwarder'")
     return args
@@ -236,13 +292,15 @@ def log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def wait_ready(process: subprocess.Popen[bytes], grpc_url: str, log: Path, workers: int = 1, timeout_s: float = 30.0) -> None:
-    """Wait until ServerReady through grpc_url says ready and the supervisor has all its workers."""
+def wait_ready(process: subprocess.Popen[bytes], grpc_url: str, log: Path, workers: int = 1, timeout_s: float = 30.0,
+               client_args: dict[str, Any] | None = None) -> None:
+    """Wait until ServerReady through grpc_url says ready and the supervisor has all its workers.
+    client_args go to tritonclient's InferenceServerClient (TLS)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise BenchError(f"{log.name}: exited with {process.returncode} while starting:\n{log_tail(log)}")
-        client = triton_grpc.InferenceServerClient(grpc_url)
+        client = triton_grpc.InferenceServerClient(grpc_url, **(client_args or {}))
         try:
             ready = client.is_server_ready(client_timeout=1.0)
         except Exception:  # noqa: BLE001 - not listening yet
@@ -257,12 +315,17 @@ def wait_ready(process: subprocess.Popen[bytes], grpc_url: str, log: Path, worke
 
 
 def start_gateway(stack: contextlib.ExitStack, run_dir: Path, base: Path, routing: Path | None, name: str,
-                  overrides: dict[str, Any]) -> Target:
+                  overrides: dict[str, Any], certs: BenchCerts | None) -> Target:
     """Write the variant's gateway.yaml (free ports, routing copied), check it, start it, wait until ready.
-    The override `model` names the public model to measure instead of `double`."""
+    The override `model` names the public model to measure instead of `double`; `tls` (server or
+    mutual) turns on TLS on the listeners with certs, and in perf_analyzer and the readiness check."""
     cfg = yaml.safe_load(base.read_text())
     overrides = dict(overrides)
     model = str(overrides.pop("model", MODEL))
+    tls = overrides.pop("tls", None)
+    if tls is not None:
+        assert certs is not None
+        cfg["tls"] = certs.gateway_tls(tls)
     variant_dir = run_dir / name
     variant_dir.mkdir()
     shutil.copy(routing or base.parent / cfg.get("routing_file", "routing.yaml"), variant_dir / "routing.yaml")
@@ -286,13 +349,15 @@ def start_gateway(stack: contextlib.ExitStack, run_dir: Path, base: Path, routin
         raise BenchError(f"variant {name}: invalid config {config}:\n{check.stdout}{check.stderr}")
     log = run_dir / f"{name}.log"
     process = start_process(stack, [PYTHON, "-m", "gateway", "serve", "--config", str(config), "--log-level", "WARNING"], log)
-    urls = {"grpc": f"127.0.0.1:{grpc}", "http": f"127.0.0.1:{http}"}
-    wait_ready(process, urls["grpc"], log, workers=int(cfg.get("workers", 1)))
+    urls = {"grpc": f"127.0.0.1:{grpc}", "http": f"{'https://' if tls else ''}127.0.0.1:{http}"}
+    wait_ready(process, urls["grpc"], log, workers=int(cfg.get("workers", 1)),
+               client_args=certs.grpc_client(tls) if tls else None)
     backend = next(iter(cfg["backends"].values()))
     description = f"transport {backend.get('transport', 'unary')}, workers {cfg.get('workers', 1)}"
     return Target(name, urls, process, description + "".join(f", {k} {v}" for k, v in overrides.items()
                                                              if k not in ("transport", "workers"))
-                  + (f", model {model}" if model != MODEL else ""), model)
+                  + (f", model {model}" if model != MODEL else "") + (f", TLS {tls}" if tls else ""),
+                  model, certs.perf_args(tls) if tls else {})
 
 
 def start_forwarder(stack: contextlib.ExitStack, run_dir: Path) -> Target:
@@ -340,11 +405,14 @@ def triton_requests() -> int:
                    if line.startswith("nv_inference_request_success{") and f'model="{MODEL}"' in line))
 
 
-def perf_analyzer(url: str, case: Case, window_ms: int, csv_path: Path, model: str = MODEL) -> dict[str, str]:
-    """Run perf_analyzer once with fixed windows; its CSV row for the case."""
-    command = [str(TRITON_SH), "perf_analyzer", "-m", model, "-u", url, "-i", case.protocol,
+def perf_analyzer(target: Target, case: Case, window_ms: int, csv_path: Path,
+                  input_data: str = "random") -> dict[str, str]:
+    """Run perf_analyzer once against target with fixed windows; its CSV row for the case."""
+    command = [str(TRITON_SH), "perf_analyzer", "-m", target.model, "-u", target.urls[case.protocol],
+               "-i", case.protocol,
                "--shape", f"INPUT0:{case.elements}", "--concurrency-range", str(case.concurrency),
-               "-s", "1000", "-p", str(window_ms), "-f", str(csv_path)]
+               "-s", "1000", "-p", str(window_ms), "--input-data", input_data, "-f", str(csv_path),
+               *target.perf_args.get(case.protocol, [])]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=12 * window_ms / 1000 + 60)
     except subprocess.TimeoutExpired:
@@ -359,7 +427,8 @@ def perf_analyzer(url: str, case: Case, window_ms: int, csv_path: Path, model: s
     raise BenchError(f"no row for concurrency {case.concurrency} in {csv_path}")
 
 
-def measure(target: Target, case: Case, rnd: int, window_ms: int, triton_pid: int, csv_path: Path) -> Measurement:
+def measure(target: Target, case: Case, rnd: int, window_ms: int, input_data: str, triton_pid: int,
+            csv_path: Path) -> Measurement:
     """One perf_analyzer run with CPU and Triton request counts sampled around it."""
     m = Measurement(rnd, target.name, case.protocol, case.payload, case.concurrency)
     if target.process is not None and target.process.poll() is not None:
@@ -368,7 +437,7 @@ def measure(target: Target, case: Case, rnd: int, window_ms: int, triton_pid: in
     triton_before = tree_ticks(triton_pid)
     requests_before = triton_requests()
     start = time.monotonic()
-    row = perf_analyzer(target.urls[case.protocol], case, window_ms, csv_path, target.model)
+    row = perf_analyzer(target, case, window_ms, csv_path, input_data)
     m.wall_s = time.monotonic() - start
     m.triton_requests = triton_requests() - requests_before
     m.triton_cpu_us = cpu_us(triton_before, tree_ticks(triton_pid))
@@ -466,8 +535,8 @@ def run_header(args: argparse.Namespace, targets: list[Target], started: datetim
     lines = [f"## {started:%Y-%m-%d %H:%M} UTC · {len(os.sched_getaffinity(0))} × {model} · "
              f"git {revision or '?'}{' (uncommitted changes)' if dirty else ''} · load avg {load}",
              "", f"`{shlex.join(sys.orig_argv)}`", "",
-             f"perf_analyzer `-s 1000 -p {args.window_ms}` (3 fixed windows per run), {args.rounds} alternation "
-             f"round(s), model `{MODEL}`. Targets: direct = Triton; "
+             f"perf_analyzer `-s 1000 -p {args.window_ms} --input-data {args.input_data}` (3 fixed windows per run), "
+             f"{args.rounds} alternation round(s), model `{MODEL}`. Targets: direct = Triton; "
              + "; ".join(f"{t.name} = {t.description}" for t in targets if t.process is not None) + "."]
     return "\n".join(lines)
 
@@ -500,15 +569,15 @@ def main(argv: list[str] | None = None) -> int:
     with interruptible(), contextlib.ExitStack() as stack:
         triton_pid = ensure_triton(stack)
         targets = [Target("direct", dict(TRITON_URLS), description="Triton")]
-        targets += [start_gateway(stack, run_dir, args.config, args.routing, name, overrides)
+        certs = BenchCerts(run_dir / "certs") if any("tls" in overrides for _, overrides in args.variant) else None
+        targets += [start_gateway(stack, run_dir, args.config, args.routing, name, overrides, certs)
                     for name, overrides in args.variant]
         if not args.no_forwarder and "grpc" in args.protocols:
             targets.append(start_forwarder(stack, run_dir))
         header = run_header(args, targets, started)
         for target in targets:  # first connections and lazy imports stay out of round 1
             for protocol in target.urls.keys() & set(args.protocols):
-                perf_analyzer(target.urls[protocol], Case(protocol, args.payloads[0], 1), 500, run_dir / "warmup.csv",
-                              target.model)
+                perf_analyzer(target, Case(protocol, args.payloads[0], 1), 500, run_dir / "warmup.csv", args.input_data)
         for rnd in range(1, args.rounds + 1):
             for case in cases:
                 present = [t for t in targets if case.protocol in t.urls]
@@ -516,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
                 for target in present[shift:] + present[:shift]:
                     csv_path = run_dir / f"r{rnd}-{target.name}-{case.protocol}-{case.payload}-c{case.concurrency}.csv"
                     try:
-                        m = measure(target, case, rnd, args.window_ms, triton_pid, csv_path)
+                        m = measure(target, case, rnd, args.window_ms, args.input_data, triton_pid, csv_path)
                     except BenchError as e:
                         m = Measurement(rnd, target.name, case.protocol, case.payload, case.concurrency, error=str(e))
                         print(f"round {rnd}/{args.rounds} {case.label()} {target.name}: FAILED {e}", file=sys.stderr)

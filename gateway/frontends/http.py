@@ -8,6 +8,7 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import __version__
 from gateway.dataplane import Call, DataPlane
@@ -20,6 +21,17 @@ from gateway.security.identity import Authenticator
 from gateway.security.principal import Principal
 
 log = logging.getLogger(__name__)
+
+
+class _QuietBadRequests(logging.Filter):
+    """aiohttp logs each malformed request line or header at ERROR with a traceback after it has
+    answered 400: a hostile client must not be able to flood the log with them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError))
+
+
+logging.getLogger("aiohttp.server").addFilter(_QuietBadRequests())
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -34,8 +46,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except GatewayError as e:
         return json_response({"error": e.message}, e.http_status, e.headers())
-    except web.HTTPException:
-        raise
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+        return json_response({"error": e.text or e.reason}, e.status, allow)  # 404, 405, 413 as JSON too
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         return json_response({"error": "internal gateway error"}, 500)

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import InvalidArgument
-from gateway.protocol.tensors import json_to_raw, raw_to_json
+from gateway.protocol.tensors import brief, check_tensor, json_to_raw, raw_to_json, refuse_shared_memory
 from gateway.protocol.wire import pb
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -31,7 +31,9 @@ class OutputPlan:
 
 
 def decode_request(body: bytes, header_length: str | None, model: str, version: str) -> tuple[pb.ModelInferRequest, OutputPlan]:
-    """Parse an HTTP infer body into a ModelInferRequest plus how outputs are to be encoded."""
+    """Parse an HTTP infer body into a ModelInferRequest plus how outputs are to be encoded. Any
+    body is answered: a request whose tensors agree with their shapes, or InvalidArgument; sizes
+    the body states are checked against the body before anything is built from them."""
     header, blobs = _split(body, header_length)
     try:
         doc = orjson.loads(header)
@@ -42,30 +44,37 @@ def decode_request(body: bytes, header_length: str | None, model: str, version: 
 
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     if "id" in doc:
-        request.id = str(doc["id"])
+        if not isinstance(doc["id"], str):
+            raise InvalidArgument(f"'id' must be a string, not {brief(doc['id'])}")
+        request.id = doc["id"]
     params = _object(doc.get("parameters", {}), "parameters")
-    binary_all = bool(params.pop("binary_data_output", False))
+    binary_all = _flag(params.pop("binary_data_output", False), "binary_data_output")
     _set_params(request.parameters, params)
 
     offset = 0
     for item in _list(doc.get("inputs"), "inputs", required=True):
         item = _object(item, "inputs[]")
         name = _text(item, "name", "input")
-        tensor = request.inputs.add(name=name, datatype=_text(item, "datatype", f"input '{name}'"))
-        tensor.shape.extend(_shape(item.get("shape"), name))
+        datatype = _text(item, "datatype", f"input '{name}'")
+        shape = _shape(item.get("shape"), name)
         item_params = _object(item.get("parameters", {}), f"parameters of input '{name}'")
+        refuse_shared_memory(item_params, name)
         size = item_params.pop("binary_data_size", None)
-        _set_params(tensor.parameters, item_params)
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(blobs):
-                raise InvalidArgument(f"binary_data_size of input '{name}' is {size!r} but only "
+            if "data" in item:
+                raise InvalidArgument(f"input '{name}' has both 'data' and 'binary_data_size'")
+            if not _is_int(size) or not 0 <= size <= len(blobs) - offset:
+                raise InvalidArgument(f"binary_data_size of input '{name}' is {brief(size)} but only "
                                       f"{len(blobs) - offset} bytes of binary data remain")
-            request.raw_input_contents.append(bytes(blobs[offset:offset + size]))
+            check_tensor(name, datatype, shape, blobs[offset:offset + size])
+            raw = bytes(blobs[offset:offset + size])
             offset += size
         elif "data" in item:
-            request.raw_input_contents.append(json_to_raw(tensor.datatype, item["data"], name))
-        elif "shared_memory_region" not in item_params:
+            raw = json_to_raw(datatype, item["data"], name, check_tensor(name, datatype, shape, None))
+        else:
             raise InvalidArgument(f"input '{name}' has neither 'data' nor 'binary_data_size'")
+        _set_params(request.inputs.add(name=name, datatype=datatype, shape=shape).parameters, item_params)
+        request.raw_input_contents.append(raw)
     if offset != len(blobs):
         raise InvalidArgument(f"{len(blobs) - offset} bytes of binary data follow the inputs unclaimed")
 
@@ -74,7 +83,7 @@ def decode_request(body: bytes, header_length: str | None, model: str, version: 
         item = _object(item, "outputs[]")
         name = _text(item, "name", "output")
         out_params = _object(item.get("parameters", {}), f"parameters of output '{name}'")
-        if out_params.pop("binary_data", binary_all):
+        if _flag(out_params.pop("binary_data", binary_all), f"binary_data of output '{name}'"):
             binary.add(name)
         _set_params(request.outputs.add(name=name).parameters, out_params)
     return request, OutputPlan(binary_all and not doc.get("outputs"), frozenset(binary))
@@ -110,12 +119,10 @@ def encode_response(response: pb.ModelInferResponse, plan: OutputPlan) -> tuple[
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     if header_length is None:
         return body, memoryview(b"")
-    try:
-        n = int(header_length)
-    except ValueError:
-        n = -1
+    digits = header_length.isascii() and header_length.isdigit() and len(header_length) <= 20
+    n = int(header_length) if digits else -1
     if not 0 <= n <= len(body):
-        raise InvalidArgument(f"{HEADER_LENGTH} is {header_length!r}, body has {len(body)} bytes")
+        raise InvalidArgument(f"{HEADER_LENGTH} is {brief(header_length)}, body has {len(body)} bytes")
     view = memoryview(body)
     return bytes(view[:n]), view[n:]
 
@@ -135,7 +142,7 @@ def _set_params(target: Any, params: dict[str, Any]) -> None:
         elif isinstance(value, str):
             p.string_param = value
         else:
-            raise InvalidArgument(f"parameter '{key}' must be a bool, number or string")
+            raise InvalidArgument(f"parameter {brief(key)} must be a bool, number or string, not {brief(value)}")
 
 
 def _param_value(p: pb.InferParameter) -> Any:
@@ -165,8 +172,16 @@ def _text(item: dict[str, Any], key: str, what: str) -> str:
 
 
 def _shape(value: Any, name: str) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+    if not isinstance(value, list) or not all(_is_int(d) for d in value):
         raise InvalidArgument(f"shape of input '{name}' must be an array of integers")
-    if any(d < 0 or d > 2**62 for d in value):
-        raise InvalidArgument(f"shape of input '{name}' has a negative or huge dimension: {value}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{what} must be true or false, not {brief(value)}")
     return value

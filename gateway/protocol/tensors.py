@@ -26,7 +26,7 @@ _CONTENTS: dict[str, str] = {
 }
 MAX_RANK = 64        # numpy's own limit; the gateway's fallback and shadow code reshape to the shape
 MAX_DIM = 2**32      # no message (gRPC's are < 2 GiB) carries a longer axis, even of BOOL
-SHARED_MEMORY = "shared_memory_region"
+_SHARED_MEMORY = "shared_memory_region"
 
 _LEN = struct.Struct("<I")
 
@@ -100,7 +100,7 @@ def element_count(shape: Collection[int], name: str) -> int:
 
 def refuse_shared_memory(parameters: Collection[str], name: str) -> None:
     """Shared-memory regions are registered with Triton, not the gateway: an input naming one is refused."""
-    if SHARED_MEMORY in parameters:
+    if _SHARED_MEMORY in parameters:
         raise InvalidArgument(f"input '{name}' names a shared memory region; shared memory does not work through the gateway")
 
 

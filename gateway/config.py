@@ -380,6 +380,42 @@ class Validation(Strict):
     inputs: dict[str, InputRule] = {}
 
 
+class DriftWindow(Strict):
+    """Which requests the live counts cover: the last `size` requests (tumbling by count), the
+    last `seconds` (tumbling by time), or all of them decayed with `half_life_s`."""
+
+    kind: Literal["count", "time", "decay"] = "count"
+    size: int = Field(default=1000, ge=10)
+    seconds: float = Field(default=300.0, gt=0)
+    half_life_s: float = Field(default=600.0, gt=0)
+
+
+class DriftThresholds(Strict):
+    """Alert when a statistic crosses its bound (None: not checked)."""
+
+    psi: float | None = Field(default=0.2, gt=0)
+    js: float | None = Field(default=None, gt=0, le=1)
+    ks: float | None = Field(default=None, gt=0, le=1)
+    chi2_p: float | None = Field(default=0.01, gt=0, lt=1, description="categorical features: alert below this p-value")
+    output_js: float | None = Field(default=0.1, gt=0, le=1, description="argmax and class-probability distributions")
+
+
+class Drift(Strict):
+    """Inline drift statistics against reference profiles (`infergate drift profile`), one per
+    model version, matched to the route's targets by model and version."""
+
+    profiles: list[str] = Field(min_length=1, description="profile files, relative to the routing file")
+    window: DriftWindow = DriftWindow()
+    interval_s: float = Field(default=5.0, gt=0, description="how often statistics are computed (off the request path)")
+    min_count: int = Field(default=200, ge=1, description="requests a window needs before it is judged")
+    thresholds: DriftThresholds = DriftThresholds()
+    features: dict[str, DriftThresholds] = Field(default={}, description="per-feature overrides, by feature name")
+    stale_after_s: float | None = Field(default=None, gt=0, description="alert when the version's training time is older")
+    max_distribution_js: float | None = Field(default=None, gt=0, le=1,
+                                              description="rollout gate: a canary whose argmax distribution is this far "
+                                                          "(Jensen-Shannon distance) from the primary's is rolled back")
+
+
 class AccessRule(Strict):
     """Who may do what: callers matching any of principals (globs), groups or claims (all must
     hold) may take `actions` on `models` (globs); `anonymous: true` admits every caller, even one
@@ -417,6 +453,7 @@ class Route(Strict):
     concurrency: CapSpec | None = None
     timeout_s: float | None = Field(default=None, gt=0)
     validation: Validation | None = None
+    drift: Drift | None = None
 
     @model_validator(mode="after")
     def _one_form(self) -> "Route":

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 
 import grpc
 
-from gateway.errors import DeadlineExceeded, GatewayError, PermissionDenied, Unauthenticated
+from gateway.errors import DeadlineExceeded, GatewayError, PermissionDenied, ResourceExhausted, Unauthenticated
 from gateway.observability.metrics import Metrics
 from gateway.protocol.tensors import check_layout
 from gateway.protocol.wire import pb
@@ -81,26 +81,34 @@ class DataPlane:
     async def infer(self, call: Call) -> Answer:
         """Forward one request to the target its route picks."""
         start = self._clock()
-        model, target_name, code = UNKNOWN, UNKNOWN, "OK"
+        model, target_name, version, code = UNKNOWN, UNKNOWN, "", "OK"
         target: Target | None = None
+        in_flight = None
         try:
             routes = self.routes
             self.authorize(call.principal, call.model, "infer")
             route = routes.resolve(call.model)
             model = route.public
+            in_flight = self.metrics.enter(model)
             check_layout(call.request)
             if route.limited:
                 client = call.principal.name if call.principal is not None else call.client
                 await routes.limits.admit(client, model, route.bucket)
             decision = route.decide(call.version, call.headers, call.request)
             target = decision.target
-            target_name = target.name
+            target_name, version = target.name, call.version or target.version
             if route.validation is not None:
                 await self._validate(route, target, call)
-            response = await _send(target, call.raw + decision.suffix, _timeout(target, call.time_remaining),
-                                   call.request_id)
+            sent = self._clock()
+            try:
+                response = await _send(target, call.raw + decision.suffix, _timeout(target, call.time_remaining),
+                                       call.request_id)
+            finally:
+                self.metrics.backend(target.backend.name, model, self._clock() - sent)
         except GatewayError as e:
             code = e.code.name
+            if isinstance(e, ResourceExhausted):
+                self.metrics.limited(model, e.scope)
             if target is None:
                 raise
             if route.tracks_outcomes and e.code not in _CLIENT_FAULTS:
@@ -118,9 +126,12 @@ class DataPlane:
             code = "INTERNAL"
             raise
         finally:
-            self.metrics.observe(model, target_name, call.protocol, code, self._clock() - start)
+            self.metrics.observe(model, target_name, version, call.protocol, code, self._clock() - start)
+            if in_flight is not None:
+                in_flight.dec()
         if route.tracks_outcomes:
             target.stats.record(True, self._clock() - start)
+        self.metrics.sizes(model, call.protocol, len(call.raw), len(response))
         if route.shadows:
             self.shadows.offer(route, call, target, response)
         return Answer(response + target.response_suffix, target_name)

@@ -78,9 +78,10 @@ class ResourceExhausted(GatewayError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, message: str, retry_after_s: float) -> None:
+    def __init__(self, message: str, retry_after_s: float, scope: str = "") -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.scope = scope  # which limit: model, client or global
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}

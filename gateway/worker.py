@@ -54,7 +54,7 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool) -> None:
     live = LiveRouting(loaded, backends, metrics, dataplane.swap)
     background = [asyncio.create_task(live.watch())]
     if leader:
-        controller = RolloutController(lambda: live.table, lambda: live.states, live.update)
+        controller = RolloutController(lambda: live.table, lambda: live.states, live.update, on_event=metrics.rollout)
         background.append(asyncio.create_task(controller.run()))
     lifecycle = _Lifecycle(dataplane)
     jwt = JwtVerifier(cfg.auth.jwt, base) if cfg.auth.jwt else None

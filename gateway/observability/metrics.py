@@ -10,16 +10,31 @@ from prometheus_client import multiprocess
 
 DIFF_BUCKETS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+BYTES_BUCKETS = tuple(float(4 ** k) for k in range(4, 14))  # 256 B .. 64 MiB
 
 
 class Metrics:
     """The gateway's metric families, with label children cached so the request path only counts."""
 
     def __init__(self) -> None:
-        self.requests = Counter("infergate_requests_total", "Inference requests answered, by model, target, protocol and status code",
-                                ["model", "target", "protocol", "code"])
+        labels = ["model", "target", "version", "protocol", "code"]
+        self.requests = Counter("infergate_requests_total",
+                                "Inference requests answered, by model, route target, version, protocol and status code", labels)
         self.latency = Histogram("infergate_request_duration_seconds", "Time from request decoded to answer ready",
-                                 ["model", "protocol"], buckets=LATENCY_BUCKETS)
+                                 labels, buckets=LATENCY_BUCKETS)
+        self.request_bytes = Histogram("infergate_request_bytes", "Serialized inference request size",
+                                       ["model", "protocol"], buckets=BYTES_BUCKETS)
+        self.response_bytes = Histogram("infergate_response_bytes", "Serialized inference response size",
+                                        ["model", "protocol"], buckets=BYTES_BUCKETS)
+        self.in_flight = Gauge("infergate_in_flight", "Inference requests being answered now", ["model"],
+                               multiprocess_mode="livesum")
+        self.backend_latency = Histogram("infergate_backend_duration_seconds",
+                                         "Time in the backend call (concurrency cap wait, breaker, retries included)",
+                                         ["backend", "model"], buckets=LATENCY_BUCKETS)
+        self.rate_limited = Counter("infergate_rate_limited_total", "Requests refused by a rate limit, by its scope",
+                                    ["model", "scope"])
+        self.rollout_events = Counter("infergate_rollout_events_total", "Rollout steps: started, advanced, promoted, rolled_back",
+                                      ["model", "target", "event"])
         self.shadows = Counter("infergate_shadow_requests_total", "Shadow calls by outcome: agree, disagree, error, dropped",
                                ["model", "target", "result"])
         self.shadow_diff = Histogram("infergate_shadow_max_abs_diff", "Largest absolute output difference, shadow vs primary",
@@ -42,16 +57,41 @@ class Metrics:
         self.tls_expiry = Gauge("infergate_tls_certificate_expiry_timestamp_seconds",
                                 "When the listener certificate in use expires (Unix time)", multiprocess_mode="livemin")
         self._decided: dict[tuple[str, str, str, bool], Any] = {}
-        self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, str, str, str], tuple[Any, Any]] = {}
+        self._sized: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._flying: dict[str, Any] = {}
+        self._backends: dict[tuple[str, str], Any] = {}
         self._weighted: set[tuple[str, str]] = set()
 
-    def observe(self, model: str, target: str, protocol: str, code: str, seconds: float) -> None:
-        key = (model, target, protocol, code)
+    def observe(self, model: str, target: str, version: str, protocol: str, code: str, seconds: float) -> None:
+        key = (model, target, version, protocol, code)
         pair = self._children.get(key)
         if pair is None:
-            pair = self._children[key] = (self.requests.labels(*key), self.latency.labels(model, protocol))
+            pair = self._children[key] = (self.requests.labels(*key), self.latency.labels(*key))
         pair[0].inc()
         pair[1].observe(seconds)
+
+    def enter(self, model: str) -> Any:
+        """Count one request in flight for model; the caller decrements what this returns."""
+        gauge = self._flying.get(model)
+        if gauge is None:
+            gauge = self._flying[model] = self.in_flight.labels(model)
+        gauge.inc()
+        return gauge
+
+    def backend(self, backend: str, model: str, seconds: float) -> None:
+        child = self._backends.get((backend, model))
+        if child is None:
+            child = self._backends[(backend, model)] = self.backend_latency.labels(backend, model)
+        child.observe(seconds)
+
+    def sizes(self, model: str, protocol: str, request: int, response: int) -> None:
+        pair = self._sized.get((model, protocol))
+        if pair is None:
+            pair = self._sized[(model, protocol)] = (self.request_bytes.labels(model, protocol),
+                                                     self.response_bytes.labels(model, protocol))
+        pair[0].observe(request)
+        pair[1].observe(response)
 
     def shadow(self, model: str, target: str, result: str, diff: float | None = None) -> None:
         self.shadows.labels(model, target, result).inc()
@@ -80,6 +120,12 @@ class Metrics:
 
     def reload(self, result: str) -> None:
         self.reloads.labels(result).inc()
+
+    def limited(self, model: str, scope: str) -> None:
+        self.rate_limited.labels(model, scope).inc()
+
+    def rollout(self, model: str, target: str, event: str) -> None:
+        self.rollout_events.labels(model, target, event).inc()
 
     def access(self, principal: str, model: str, action: str, allowed: bool) -> None:
         key = (principal, model, action, allowed)

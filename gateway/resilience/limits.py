@@ -35,17 +35,17 @@ class Limits:
         """Take one unit from every bucket that applies, or none and raise ResourceExhausted."""
         buckets = []
         if model_bucket is not None:
-            buckets.append((model_bucket, f"model '{model}'"))
+            buckets.append((model_bucket, f"model '{model}'", "model"))
         if self.per_client is not None:
-            buckets.append((self._client_bucket(client), f"client {client}"))
+            buckets.append((self._client_bucket(client), f"client {client}", "client"))
         if self.global_bucket is not None:
-            buckets.append((self.global_bucket, "the gateway"))
-        for b, whose in buckets:
+            buckets.append((self.global_bucket, "the gateway", "global"))
+        for b, whose, scope in buckets:
             if not b.has_capacity():
                 wait = 1.0 / (b.max_rate / b.time_period)
                 raise ResourceExhausted(f"rate limit of {whose} exceeded ({b.max_rate / b.time_period:g}/s); "
-                                        f"retry after {wait:.3g}s", retry_after_s=wait)
-        for b, _ in buckets:
+                                        f"retry after {wait:.3g}s", retry_after_s=wait, scope=scope)
+        for b, _, _ in buckets:
             await b.acquire()  # capacity was just checked: returns at once, without yielding
 
     def _client_bucket(self, client: str) -> AsyncLimiter:

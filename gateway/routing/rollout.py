@@ -64,11 +64,14 @@ class RolloutController:
     through `update(model, change)`, which persists it and rebuilds the route table."""
 
     def __init__(self, table: Callable[[], RouteTable], states: Callable[[], dict[str, RouteState]],
-                 update: Callable[[str, Callable[[RouteState], RouteState]], None], interval_s: float = 1.0) -> None:
+                 update: Callable[[str, Callable[[RouteState], RouteState]], None], interval_s: float = 1.0,
+                 on_event: Callable[[str, str, str], None] = lambda model, target, event: None) -> None:
+        """on_event(model, canary, event): started, advanced, promoted or rolled_back."""
         self._table = table
         self._states = states
         self._update = update
         self.interval_s = interval_s
+        self._on_event = on_event
 
     async def run(self) -> None:
         while True:
@@ -82,9 +85,13 @@ class RolloutController:
         for route in list(self._table().routes.values()):
             if route.spec.rollout is None:
                 continue
-            status = self._next(route, route.spec.rollout, self._states().get(route.public) or RouteState())
+            state = self._states().get(route.public) or RouteState()
+            status = self._next(route, route.spec.rollout, state)
             if status is not None:
                 self._update(route.public, lambda state, status=status: _with_rollout(state, status))
+                event = "started" if state.rollout is None else \
+                    status.phase if status.phase in ("promoted", "rolled_back") else "advanced"
+                self._on_event(route.public, route.spec.rollout.target, event)
 
     def _next(self, route: Route, spec: Rollout, state: RouteState) -> RolloutStatus | None:
         """The rollout's next status, or None when it stays as it is."""

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from gateway.protocol.wire import pb, pb_grpc
+from tests.conftest import metric
 
 DOUBLE = {"target": {"backend": "triton", "model": "double"}}
 
@@ -49,6 +50,11 @@ def test_model_limit_refuses_the_burst_and_spares_other_models(triton, start_gat
     assert [grpc_double(stub, "free")[0] for _ in range(20)] == [grpc.StatusCode.OK] * 20
     time.sleep(0.6)  # 2/s: one unit leaks out every 0.5 s
     assert grpc_double(stub)[0] == grpc.StatusCode.OK
+    assert metric(gw, "infergate_rate_limited_total", model="double", scope="model") == 4  # 3 gRPC + 1 HTTP
+    assert metric(gw, "infergate_requests_total", model="double", code="RESOURCE_EXHAUSTED") == 4
+    assert metric(gw, "infergate_request_bytes_count", model="free", protocol="grpc") == 20
+    assert metric(gw, "infergate_backend_duration_seconds_count", backend="triton", model="free") == 20
+    assert metric(gw, "infergate_in_flight", model="free") == 0
 
 
 def test_per_client_and_global_limits_and_reload(triton, start_gateway):

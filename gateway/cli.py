@@ -1,4 +1,4 @@
-"""`infergate serve | check-config | routes`: argument parsing only; the work lives in the rooms."""
+"""`infergate serve | check-config | routes | drift profile`: argument parsing only; the work lives in the rooms."""
 from __future__ import annotations
 
 import argparse
@@ -26,8 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     routes.add_argument("--json", action="store_true", help="print the admin API's JSON instead of a table")
     routes.add_argument("--token", default=os.environ.get("INFERGATE_TOKEN"),
                         help="bearer token for the admin API (default: $INFERGATE_TOKEN)")
+    drift = sub.add_parser("drift", help="drift tools").add_subparsers(dest="drift_command", required=True)
+    profile = drift.add_parser("profile", help="build a model version's reference profile from a sample")
+    from gateway.drift.profile import add_profile_arguments, profile_command
+
+    add_profile_arguments(profile)
     args = parser.parse_args(argv)
 
+    if args.command == "drift":
+        return profile_command(args)
     if args.command == "routes":
         from gateway.routing.report import print_routes
 

@@ -617,6 +617,16 @@ def _route_problems(doc: _Document, name: str, route: Route, gateway: GatewayCon
         if ref not in targets:
             problems.append(Problem(doc.file, doc.line(loc), f"{_dotted(loc)}: no target named {ref!r} "
                                     f"(targets: {', '.join(targets)})"))
+    if route.drift is not None:
+        from gateway.drift.profile import Profile  # only routing files with drift need the drift room
+
+        for i, name_ in enumerate(route.drift.profiles):
+            loc = where + ("drift", "profiles", i)
+            try:
+                Profile.load(Path(doc.file).parent / name_)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                problems.append(Problem(doc.file, doc.line(loc), f"{_dotted(loc)}: profile {name_!r} does not load: "
+                                        f"{getattr(e, 'strerror', None) or e}"))
     if route.rollout is not None and len(targets) < 2:
         loc = where + ("rollout",)
         problems.append(Problem(doc.file, doc.line(loc), f"{_dotted(loc)}: a rollout needs a second target to move traffic from"))

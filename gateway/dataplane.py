@@ -14,6 +14,7 @@ and nowhere else.
                                                       deadline = min(client's, route's)
       on UNAVAILABLE / NOT_FOUND / DEADLINE_EXCEEDED:  route.fallback.answer(...), marked degraded
     stats / metrics                                   per-target outcomes for rollout gates; counters, latency
+    monitor.record(request, response)                 inline drift: bin inputs and outputs (numba)
     shadows.offer(...)                                sampled shadows run after the answer, off this path
     return response + target.response_suffix          renamed back to the public model
 """
@@ -132,6 +133,10 @@ class DataPlane:
         if route.tracks_outcomes:
             target.stats.record(True, self._clock() - start)
         self.metrics.sizes(model, call.protocol, len(call.raw), len(response))
+        if route.drift is not None:
+            monitor = route.drift.by_target.get(target_name)
+            if monitor is not None:
+                monitor.record(call.request, response, _trace_id(call))
         if route.shadows:
             self.shadows.offer(route, call, target, response)
         return Answer(response + target.response_suffix, target_name)
@@ -270,6 +275,13 @@ async def _guarded_call(target: Target, payload: bytes, timeout: float, request_
         raise
     breaker.record(None, trial)
     return response
+
+
+def _trace_id(call: Call) -> str:
+    """The W3C traceparent's trace id when the caller sent one, else the request id."""
+    parent = call.headers.get("traceparent") or ""
+    parts = parent.split("-")
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else call.request_id or "-"
 
 
 def _timeout(target: Target, client_remaining: float | None) -> float:

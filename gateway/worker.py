@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+from pathlib import Path
 
 from aiohttp import web
 
 from gateway.backends.triton import TritonBackend
 from gateway.config import Loaded
 from gateway.dataplane import DataPlane
+from gateway.drift.monitor import DriftHub
 from gateway.frontends import admin
 from gateway.frontends import grpc as grpc_frontend
 from gateway.frontends.http import HttpFrontend
@@ -36,6 +39,12 @@ class _Lifecycle:
         return not self.draining and self.dataplane.ready()
 
 
+def _shared_dir() -> Path | None:
+    """Where workers exchange drift counts: the supervisor's metrics directory (None: one worker)."""
+    shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(shared) if shared else None
+
+
 async def serve(loaded: Loaded, reuse_port: bool, leader: bool) -> None:
     """Run the gateway until a stop signal, then drain within drain_timeout_s. The leader (the
     only worker, or worker 0) runs the rollout controller."""
@@ -51,10 +60,14 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool) -> None:
     shadows = ShadowDispatcher(metrics)
     shadows.start()
     dataplane = DataPlane(metrics, shadows)
-    live = LiveRouting(loaded, backends, metrics, dataplane.swap)
-    background = [asyncio.create_task(live.watch())]
+    drift = DriftHub(loaded.routing_path.parent, metrics, leader, _shared_dir())  # its Binners JIT-compile
+    live = LiveRouting(loaded, backends, metrics, dataplane.swap, drift)
+    background = [asyncio.create_task(live.watch()),
+                  asyncio.create_task(drift.run(lambda: {r.public: r.spec.drift for r in live.table.routes.values()
+                                                         if r.spec.drift is not None}))]
     if leader:
-        controller = RolloutController(lambda: live.table, lambda: live.states, live.update, on_event=metrics.rollout)
+        controller = RolloutController(lambda: live.table, lambda: live.states, live.update, on_event=metrics.rollout,
+                                       distance=drift.distance)
         background.append(asyncio.create_task(controller.run()))
     lifecycle = _Lifecycle(dataplane)
     jwt = JwtVerifier(cfg.auth.jwt, base) if cfg.auth.jwt else None

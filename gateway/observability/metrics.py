@@ -56,6 +56,17 @@ class Metrics:
         self.tls_reloads = Counter("infergate_tls_reloads_total", "Listener certificate loads by result (ok, rejected)", ["result"])
         self.tls_expiry = Gauge("infergate_tls_certificate_expiry_timestamp_seconds",
                                 "When the listener certificate in use expires (Unix time)", multiprocess_mode="livemin")
+        self.drift_stats = Gauge("infergate_drift_statistic", "Drift statistic of a feature (or output) against its reference profile",
+                                 ["model", "version", "feature", "statistic"], multiprocess_mode="livemax")
+        self.drift_alerts = Gauge("infergate_drift_alert", "1 while a drift threshold is crossed",
+                                  ["model", "version", "feature"], multiprocess_mode="livemax")
+        self.drift_raised = Counter("infergate_drift_alerts_total", "Drift alerts raised", ["model", "version", "feature"])
+        self.drift_requests = Gauge("infergate_drift_window_requests", "Requests in the judged drift window (all workers)",
+                                    ["model", "version"], multiprocess_mode="livemax")
+        self.model_age_s = Gauge("infergate_model_age_seconds", "Time since the version's training (from its profile)",
+                                 ["model", "version"], multiprocess_mode="livemax")
+        self.model_stale = Gauge("infergate_model_stale", "1 when the version is older than its stale_after_s",
+                                 ["model", "version"], multiprocess_mode="livemax")
         self._decided: dict[tuple[str, str, str, bool], Any] = {}
         self._children: dict[tuple[str, str, str, str, str], tuple[Any, Any]] = {}
         self._sized: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -134,6 +145,21 @@ class Metrics:
             child = self._decided[key] = self.decisions.labels(principal or "anonymous", model, action,
                                                                "allow" if allowed else "deny")
         child.inc()
+
+    def drift_statistic(self, model: str, version: str, feature: str, statistic: str, value: float) -> None:
+        self.drift_stats.labels(model, version, feature, statistic).set(value)
+
+    def drift_alert(self, model: str, version: str, feature: str, firing: bool, raised: bool) -> None:
+        self.drift_alerts.labels(model, version, feature).set(1 if firing else 0)
+        if raised:
+            self.drift_raised.labels(model, version, feature).inc()
+
+    def drift_window(self, model: str, version: str, requests: float) -> None:
+        self.drift_requests.labels(model, version).set(requests)
+
+    def model_age(self, model: str, version: str, age_s: float, stale_after_s: float | None) -> None:
+        self.model_age_s.labels(model, version).set(age_s)
+        self.model_stale.labels(model, version).set(1 if stale_after_s is not None and age_s > stale_after_s else 0)
 
     def violation(self, model: str, input_name: str, rule: str, mode: str) -> None:
         self.violations.labels(model, input_name, rule, mode).inc()

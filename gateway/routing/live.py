@@ -9,6 +9,7 @@ from typing import Callable, Mapping
 
 from gateway import config
 from gateway.backends.triton import TritonBackend
+from gateway.drift.monitor import DriftHub
 from gateway.observability.metrics import Metrics
 from gateway.resilience.breaker import PerTarget
 from gateway.routing.state import RouteState, StateFile, TargetStats, signature, spec_hash
@@ -21,7 +22,7 @@ class LiveRouting:
     """Owns the current RouteTable and hands each new one to `on_swap` (the dataplane)."""
 
     def __init__(self, loaded: config.Loaded, backends: Mapping[str, TritonBackend], metrics: Metrics,
-                 on_swap: Callable[[RouteTable], None]) -> None:
+                 on_swap: Callable[[RouteTable], None], drift: DriftHub | None = None) -> None:
         self.gateway = loaded.gateway
         self.routing_path = loaded.routing_path
         self.backends = backends
@@ -29,6 +30,7 @@ class LiveRouting:
         self.state_file = StateFile(loaded.state_path)
         self.stats: dict[tuple[str, str], TargetStats] = {}
         self.kept = PerTarget(metrics.breaker)
+        self.drift = drift
         self._on_swap = on_swap
         # Signatures first, then the reads: an edit in between is seen as a change.
         self._seen = (signature(self.routing_path), signature(self.state_file.path))
@@ -37,7 +39,7 @@ class LiveRouting:
         self.table = self._build(routing)
 
     def _build(self, routing: config.RoutingConfig) -> RouteTable:
-        table = compile_routes(routing, self.backends, self.states, self.stats, self.kept)
+        table = compile_routes(routing, self.backends, self.states, self.stats, self.kept, self.drift)
         self.table = table
         self._on_swap(table)
         self.metrics.route_weights(table)

@@ -2,7 +2,8 @@
 rolls it back to 0% with a logged reason when one does not.
 
 A gate is anything with `check(canary, baseline) -> reason | None` over the outcome windows of
-the current step; the drift issue adds a prediction-distribution gate beside these two.
+the current step: error rate, p99 latency, and — for routes with a drift section naming
+`max_distribution_js` — the distance between the canary's and the primary's predictions.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 class Window:
     """A target's outcomes during the current step."""
 
+    target: str
     requests: int
     error_rate: float
     p99_s: float
@@ -55,8 +57,30 @@ class LatencyGate:
         return None
 
 
-def gates_for(spec: Rollout) -> list[Gate]:
-    return [ErrorRateGate(spec.max_error_rate_increase), LatencyGate(spec.max_p99_ratio)]
+@dataclass(frozen=True)
+class DistributionGate:
+    """The canary's argmax distribution (its recent drift window, all workers merged) must stay
+    within `max_js` Jensen-Shannon distance of the primary's."""
+
+    max_js: float
+    distance: Callable[[str, str], float | None]  # (canary, baseline) target names -> distance
+
+    def check(self, canary: Window, baseline: Window) -> str | None:
+        js = self.distance(canary.target, baseline.target)
+        if js is not None and js > self.max_js:
+            return f"prediction distribution departs from the primary's: Jensen-Shannon distance {js:.3f} > {self.max_js:g}"
+        return None
+
+
+Distance = Callable[[str, str, str], float | None]  # (model, canary, baseline) -> JS distance of predictions
+
+
+def gates_for(route: Route, spec: Rollout, distance: Distance | None) -> list[Gate]:
+    gates: list[Gate] = [ErrorRateGate(spec.max_error_rate_increase), LatencyGate(spec.max_p99_ratio)]
+    drift = route.spec.drift
+    if drift is not None and drift.max_distribution_js is not None and distance is not None:
+        gates.append(DistributionGate(drift.max_distribution_js, lambda a, b: distance(route.public, a, b)))
+    return gates
 
 
 class RolloutController:
@@ -65,8 +89,11 @@ class RolloutController:
 
     def __init__(self, table: Callable[[], RouteTable], states: Callable[[], dict[str, RouteState]],
                  update: Callable[[str, Callable[[RouteState], RouteState]], None], interval_s: float = 1.0,
-                 on_event: Callable[[str, str, str], None] = lambda model, target, event: None) -> None:
-        """on_event(model, canary, event): started, advanced, promoted or rolled_back."""
+                 on_event: Callable[[str, str, str], None] = lambda model, target, event: None,
+                 distance: Distance | None = None) -> None:
+        """on_event(model, canary, event): started, advanced, promoted or rolled_back; distance:
+        how far apart two targets' predictions are (the drift hub), for the distribution gate."""
+        self._distance = distance
         self._table = table
         self._states = states
         self._update = update
@@ -103,12 +130,13 @@ class RolloutController:
             return None
         now_wall, now_mono = time.time(), time.monotonic()
         since = now_mono - (now_wall - status.since)
-        canary = Window(*route.targets[spec.target].stats.window(since))
+        canary = Window(spec.target, *route.targets[spec.target].stats.window(since))
         others = [t for name, t in route.targets.items() if name != spec.target]
-        baseline = Window(*max(others, key=lambda t: t.weight).stats.window(since))
+        primary = max(others, key=lambda t: t.weight)
+        baseline = Window(primary.name, *primary.stats.window(since))
         if canary.requests < spec.min_requests:
             return None
-        for gate in gates_for(spec):
+        for gate in gates_for(route, spec, self._distance):
             reason = gate.check(canary, baseline)
             if reason:
                 log.warning("rollout %s: %s rolled back to 0%% at step %d%%: %s",

@@ -13,6 +13,7 @@ from aiolimiter import AsyncLimiter
 
 from gateway.backends.triton import TritonBackend
 from gateway.config import Compare, Route as RouteSpec, RoutingConfig
+from gateway.drift.monitor import DriftHub, RouteDrift
 from gateway.errors import NotFound
 from gateway.fallback import RuleSet
 from gateway.resilience.breaker import Breaker, PerTarget
@@ -77,6 +78,7 @@ class Route:
     bucket: AsyncLimiter | None = None    # this model's rate limit
     limited: bool = False                 # any rate limit applies (model, client or global)
     validation: Schemas | None = None     # edge checks, compiled per target from Triton's schema + YAML
+    drift: RouteDrift | None = None       # inline drift monitors of the targets with a profile
     by_version: dict[str, Target] = field(default_factory=dict)
 
     def decide(self, version: str, headers: Mapping[str, str], request: pb.ModelInferRequest | None) -> Decision:
@@ -136,7 +138,7 @@ class RouteTable:
 
 def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
                    states: Mapping[str, RouteState], stats: dict[tuple[str, str], TargetStats],
-                   kept: PerTarget | None = None) -> RouteTable:
+                   kept: PerTarget | None = None, drift: DriftHub | None = None) -> RouteTable:
     """Build the table from the file's routes and the live state (admin overrides, rollout steps).
     config.load has already checked every reference."""
     limits = Limits(config.limits.global_, config.limits.per_client)
@@ -178,6 +180,8 @@ def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
             bucket=bucket(spec.rate_limit) if spec.rate_limit else None,
             limited=limits.applies(spec.rate_limit),
             validation=Schemas(spec.validation) if spec.validation else None,
+            drift=drift.route(public, spec.drift, {n: (t.model, t.version) for n, t in targets.items()})
+            if spec.drift and drift else None,
             by_version=by_version,
         )
     return RouteTable(routes, config, limits)

@@ -1,0 +1,135 @@
+"""Inline drift end to end: reference profiles built with `infergate drift profile` from a sample
+and the real classifier's answers, a gateway binning live traffic, alerts when two of eight
+features shift by half a standard deviation (and none without the shift), and a canary whose
+predictions depart from the primary's rolled back by the distribution gate."""
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+
+from gateway.drift.state import Counts
+from tests.conftest import ROOT, metric
+
+FEATURES = 8
+CHUNK = 100
+
+
+def classify(url: str, x: np.ndarray, model: str = "classifier", version: str = "") -> np.ndarray:
+    """Class probabilities for rows of x, in batches the model accepts."""
+    client = grpcclient.InferenceServerClient(url)
+    out = []
+    for start in range(0, len(x), 32):
+        tensor = grpcclient.InferInput("features", [len(x[start:start + 32]), FEATURES], "FP32")
+        tensor.set_data_from_numpy(x[start:start + 32])
+        out.append(client.infer(model, [tensor], model_version=version).as_numpy("probabilities"))
+    return np.concatenate(out)
+
+
+@pytest.fixture(scope="module")
+def profiles(triton, tmp_path_factory) -> Path:
+    """Profiles of classifier versions 1 and 2 from a N(0, 1) sample and Triton's own answers."""
+    d = tmp_path_factory.mktemp("profiles")
+    sample = np.random.default_rng(7).normal(size=(4000, FEATURES)).astype(np.float32)
+    np.save(d / "reference.npy", sample)
+    for version in ("1", "2"):
+        np.save(d / f"probs-{version}.npy", classify(triton.grpc_url, sample, version=version))
+        subprocess.run([sys.executable, "-m", "gateway", "drift", "profile", "--model", "classifier", "--version", version,
+                        "--input", f"features={d / 'reference.npy'}", "--output", f"probabilities={d / f'probs-{version}.npy'}",
+                        "--trained-at", "2026-01-01T00:00:00Z", "--out", str(d / f"classifier-{version}.json")],
+                       cwd=ROOT, check=True, timeout=120)
+    return d
+
+
+def send(gw, rows: np.ndarray) -> None:
+    """One request per row, on a connection of its own (no subchannel shared with other clients)."""
+    client = grpcclient.InferenceServerClient(gw.grpc_url, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+    for row in rows:
+        tensor = grpcclient.InferInput("features", [1, FEATURES], "FP32")
+        tensor.set_data_from_numpy(row[None])
+        client.infer("classifier", [tensor])
+
+
+def alerts(gw) -> float:
+    return metric(gw, "infergate_drift_alerts_total", model="classifier")
+
+
+def test_shift_on_two_features_raises_an_alert_and_no_shift_raises_none(triton, start_gateway, profiles):
+    drift = {"profiles": [str(profiles / "classifier-1.json")], "window": {"kind": "count", "size": 200},
+             "interval_s": 0.2, "min_count": 200, "thresholds": {"psi": 0.2, "output_js": None, "chi2_p": None},
+             "stale_after_s": 3600}
+    gw = start_gateway(triton.grpc_url, routes={"classifier": {"target": {"backend": "triton", "model": "classifier",
+                                                                          "version": 1}, "drift": drift}})
+    rng = np.random.default_rng(11)
+    send(gw, rng.normal(size=(1000, FEATURES)).astype(np.float32))
+    time.sleep(0.6)
+    assert metric(gw, "infergate_drift_window_requests", model="classifier", version="1") >= 200
+    assert alerts(gw) == 0, "false alarm on unshifted traffic"
+    assert metric(gw, "infergate_model_stale", model="classifier", version="1") == 1  # trained 2026-01-01
+
+    shifted = rng.normal(size=(2000, FEATURES)).astype(np.float32)
+    shifted[:, :2] += 0.5
+    sent = 0
+    while alerts(gw) == 0 and sent < len(shifted):
+        send(gw, shifted[sent:sent + CHUNK])
+        sent += CHUNK
+        time.sleep(0.4)
+    print(f"\ndrift detected after {sent} shifted requests (window 200, checks every 0.2 s)")
+    assert alerts(gw) >= 1 and sent <= 1000
+    fired = {f for f in ("features[0]", "features[1]", "features[2]", "features[5]")
+             if metric(gw, "infergate_drift_alert", model="classifier", feature=f) == 1}
+    assert {"features[0]", "features[1]"} <= fired and not fired & {"features[2]", "features[5]"}
+    assert metric(gw, "infergate_drift_statistic", model="classifier", feature="features[0]", statistic="psi") > 0.2
+    log = (gw.config_path.parent / "gateway.log").read_text()
+    assert "drift alert: model classifier version 1 feature features[0]" in log
+
+
+def test_distribution_gate_rolls_back_a_canary_whose_predictions_depart(triton, start_gateway, profiles):
+    routes = {"classifier": {
+        "targets": {"v1": {"backend": "triton", "model": "classifier", "version": 1, "weight": 100},
+                    "v2": {"backend": "triton", "model": "classifier", "version": 2}},
+        "rollout": {"target": "v2", "steps": [50, 100], "dwell_s": 30, "min_requests": 50,
+                    "max_error_rate_increase": 1, "max_p99_ratio": 100},
+        "drift": {"profiles": [str(profiles / "classifier-1.json"), str(profiles / "classifier-2.json")],
+                  "window": {"kind": "count", "size": 100}, "interval_s": 0.2, "min_count": 50,
+                  "max_distribution_js": 0.1},
+    }}
+    gw = start_gateway(triton.grpc_url, routes=routes)
+    rng = np.random.default_rng(3)
+    deadline = time.monotonic() + 30
+    phase = "progressing"
+    while phase == "progressing" and time.monotonic() < deadline:
+        send(gw, rng.normal(size=(CHUNK, FEATURES)).astype(np.float32))
+        rollout = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/admin/routes").read())[0]["rollout"]
+        phase = rollout["phase"]
+    assert phase == "rolled_back"
+    assert "prediction distribution departs from the primary's" in rollout["reason"]
+    assert metric(gw, "infergate_rollout_events_total", model="classifier", event="rolled_back") == 1
+
+
+def test_counts_of_every_worker_are_merged(triton, start_gateway, profiles):
+    """Two workers: each bins what it serves; the leader judges the sum of both."""
+    drift = {"profiles": [str(profiles / "classifier-1.json")], "window": {"kind": "decay", "half_life_s": 1e6},
+             "interval_s": 0.2}
+    gw = start_gateway(triton.grpc_url, workers=2, routes={"classifier": {
+        "target": {"backend": "triton", "model": "classifier", "version": 1}, "drift": drift}})
+    gw.wait_workers(2)
+    rows = np.random.default_rng(5).normal(size=(16, 25, FEATURES)).astype(np.float32)
+    for chunk in rows:  # a new connection per chunk: SO_REUSEPORT spreads them over both workers
+        send(gw, chunk)
+    time.sleep(1.0)
+    assert metric(gw, "infergate_drift_window_requests", model="classifier", version="1") == pytest.approx(400, rel=1e-3)
+    shared = Path(psutil.Process(gw.proc.pid).children()[0].environ()["PROMETHEUS_MULTIPROC_DIR"])
+    published = [f for f in shared.glob("drift-*.json")]
+    assert len(published) == 1, "the non-leader worker publishes its counts"
+    other = Counts.from_bytes(base64.b64decode(json.loads(published[0].read_text())[0][1]))
+    assert 0 < other.n < 400, "both workers served part of the traffic"

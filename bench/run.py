@@ -328,7 +328,10 @@ def start_gateway(stack: contextlib.ExitStack, run_dir: Path, base: Path, routin
         cfg["tls"] = certs.gateway_tls(tls)
     variant_dir = run_dir / name
     variant_dir.mkdir()
-    shutil.copy(routing or base.parent / cfg.get("routing_file", "routing.yaml"), variant_dir / "routing.yaml")
+    source = routing or base.parent / cfg.get("routing_file", "routing.yaml")
+    shutil.copy(source, variant_dir / "routing.yaml")
+    if (source.parent / "profiles").is_dir():  # drift profiles the routing file names relative to itself
+        shutil.copytree(source.parent / "profiles", variant_dir / "profiles")
     cfg["routing_file"] = "routing.yaml"
     http, grpc, admin = free_ports(3)
     cfg["listeners"] = {"http": {"host": "127.0.0.1", "port": http}, "grpc": {"host": "127.0.0.1", "port": grpc},

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import orjson
@@ -43,6 +43,12 @@ class TargetMonitor:
     profile: Profile
     window: Window
     recent: deque[str] = field(default_factory=lambda: deque(maxlen=SAMPLE_IDS))
+    inputs: frozenset[str] = frozenset()    # the tensors the profile describes: only these are read
+    outputs: frozenset[str] = frozenset()   # (no outputs: the answer is not even parsed)
+
+    def __post_init__(self) -> None:
+        self.inputs = frozenset(f.input for f in self.profile.features)
+        self.outputs = frozenset(o.output for o in self.profile.outputs)
 
     skipped: int = 0  # requests whose tensors do not fit the profile (not binned, never failed)
 
@@ -50,9 +56,11 @@ class TargetMonitor:
         """Bin the request's inputs and the answer's outputs (zero-copy views of the raw bytes).
         A request that does not fit the profile is skipped: monitoring never fails an answer."""
         try:
-            answer = pb.ModelInferResponse.FromString(response)
-            self.window.record(_tensors(request.inputs, request.raw_input_contents),
-                               _tensors(answer.outputs, answer.raw_output_contents))
+            outputs = None
+            if self.outputs:
+                answer = pb.ModelInferResponse.FromString(response)
+                outputs = _tensors(answer.outputs, answer.raw_output_contents, self.outputs)
+            self.window.record(_tensors(request.inputs, request.raw_input_contents, self.inputs), outputs)
         except (ValueError, TypeError, DecodeError) as e:
             if not self.skipped:
                 log.warning("drift %s: a request does not fit the profile and is not counted: %s", self.key, e)
@@ -61,13 +69,14 @@ class TargetMonitor:
         self.recent.append(trace_id)
 
 
-def _tensors(specs: Iterable[Any], raw: Any) -> dict[str, np.ndarray]:
-    """name -> array view of each raw tensor whose datatype numpy can read (layout already checked)."""
+def _tensors(specs: Any, raw: Any, wanted: frozenset[str]) -> dict[str, np.ndarray]:
+    """name -> array view of each wanted raw tensor numpy can read (the layout is already checked)."""
     out = {}
-    for spec, data in zip(specs, raw):
-        dtype = DTYPES.get(spec.datatype)
+    for i, spec in enumerate(specs[:]):  # upb containers: a slice is a quick list, iterating one is slow
+        name = spec.name
+        dtype = DTYPES.get(spec.datatype) if name in wanted else None
         if dtype is not None:
-            out[spec.name] = np.frombuffer(data, dtype).reshape(tuple(spec.shape))
+            out[name] = np.frombuffer(raw[i], dtype).reshape(spec.shape[:])
     return out
 
 

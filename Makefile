@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install triton-install triton-up triton-down gateway-up gateway-down demo demo-down test bench clean
+.PHONY: install triton-install prometheus-install triton-up triton-down gateway-up gateway-down demo demo-down test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ install: $(STAMP)             ## the gateway and its test tools in .venv
 
 triton-install:               ## Triton on CPU (nvidia-pytriton wheel) in .venv-triton
 	scripts/triton-cpu.sh install
+
+prometheus-install:           ## Prometheus + promtool (Debian package; needs root or sudo) for the dashboard and alert tests
+	scripts/prometheus.sh install
 
 triton-up:                    ## Triton with the example models on 8000 HTTP, 8001 gRPC, 8002 metrics
 	scripts/triton-cpu.sh start

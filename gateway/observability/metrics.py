@@ -67,6 +67,9 @@ class Metrics:
                                  ["model", "version"], multiprocess_mode="livemax")
         self.model_stale = Gauge("infergate_model_stale", "1 when the version is older than its stale_after_s",
                                  ["model", "version"], multiprocess_mode="livemax")
+        for result in ("ok", "rejected"):  # series exist from the start: increase() sees the first event
+            self.reloads.labels(result)
+            self.tls_reloads.labels(result)
         self._decided: dict[tuple[str, str, str, bool], Any] = {}
         self._children: dict[tuple[str, str, str, str, str], tuple[Any, Any]] = {}
         self._sized: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -110,9 +113,13 @@ class Metrics:
             self.shadow_diff.labels(model, target).observe(diff)
 
     def route_weights(self, table: Any) -> None:
-        """Export what each target serves now; forget targets a new table no longer has."""
+        """Export what each target serves now; forget targets a new table no longer has. A route's
+        rollout events exist at 0 from the start, so increase() sees the first one."""
         current = set()
         for route in table.routes.values():
+            if route.spec.rollout is not None:
+                for event in ("started", "advanced", "promoted", "rolled_back"):
+                    self.rollout_events.labels(route.public, route.spec.rollout.target, event)
             for target in route.targets.values():
                 self.weights.labels(route.public, target.name).set(route.serving(target))
                 current.add((route.public, target.name))

@@ -27,7 +27,9 @@ pidfile=$home/prometheus-$port.pid
 logfile=$home/prometheus-$port.log
 
 # Running, and not a zombie left by a SIGKILL (kill -0 succeeds on zombies).
-alive() { [ -r "/proc/$1/stat" ] && [ "$(awk '{print $3}' "/proc/$1/stat")" != Z ]; }
+name=prometheus
+# shellcheck source=scripts/daemon.sh
+. "$(dirname "$0")/daemon.sh"
 
 find_bin() { # name, override: the override if given, else PATH, else Debian's place; nothing if missing
   if [ -n "$2" ]; then if [ -x "$2" ]; then echo "$2"; fi; return 0; fi
@@ -85,29 +87,9 @@ start() {
     --storage.tsdb.retention.time="$retention" --web.listen-address="$address:$port" \
     --web.enable-lifecycle "$@" >"$logfile" 2>&1 </dev/null &
   echo $! >"$pidfile"
-  for _ in $(seq 1 300); do
-    if ready; then echo "prometheus: ready on http://$address:$port (config $config, data $data, log $logfile)"; return 0; fi
-    if ! alive "$(cat "$pidfile")"; then break; fi
-    sleep 0.1
-  done
-  echo "prometheus: failed to become ready; last log lines:" >&2
-  tail -n 30 "$logfile" >&2
-  stop || true
-  return 1
+  await_ready 300 0.1 "ready on http://$address:$port (config $config, data $data, log $logfile)"
 }
 
-stop() {
-  [ -f "$pidfile" ] || { echo "prometheus: not running"; return 0; }
-  local pid
-  pid=$(cat "$pidfile")
-  if alive "$pid"; then
-    kill -TERM "$pid"
-    for _ in $(seq 1 100); do alive "$pid" || break; sleep 0.1; done
-    if alive "$pid"; then kill -KILL "$pid"; fi
-  fi
-  rm -f "$pidfile"
-  echo "prometheus: stopped"
-}
 
 status() {
   if [ -f "$pidfile" ] && alive "$(cat "$pidfile")" && ready; then

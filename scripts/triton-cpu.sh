@@ -31,7 +31,9 @@ pidfile=$home/tritonserver-$http_port.pid
 logfile=$home/tritonserver-$http_port.log
 
 # Running, and not a zombie left by a SIGKILL (kill -0 succeeds on zombies).
-alive() { [ -r "/proc/$1/stat" ] && [ "$(awk '{print $3}' "/proc/$1/stat")" != Z ]; }
+name=triton-cpu
+# shellcheck source=scripts/daemon.sh
+. "$(dirname "$0")/daemon.sh"
 
 site() { "$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
 
@@ -83,29 +85,9 @@ start() {
     --metrics-address="$address" --metrics-port="$metrics_port" \
     --allow-gpu-metrics=false --log-verbose=0 "$@" >"$logfile" 2>&1 &
   echo $! >"$pidfile"
-  for _ in $(seq 1 150); do
-    if ready; then echo "triton-cpu: ready on http $http_port, grpc $grpc_port, metrics $metrics_port (log $logfile)"; return 0; fi
-    if ! alive "$(cat "$pidfile")"; then break; fi
-    sleep 0.2
-  done
-  echo "triton-cpu: failed to become ready; last log lines:" >&2
-  tail -n 30 "$logfile" >&2
-  stop || true
-  return 1
+  await_ready 150 0.2 "ready on http $http_port, grpc $grpc_port, metrics $metrics_port (log $logfile)"
 }
 
-stop() {
-  [ -f "$pidfile" ] || { echo "triton-cpu: not running"; return 0; }
-  local pid
-  pid=$(cat "$pidfile")
-  if alive "$pid"; then
-    kill -TERM "$pid"
-    for _ in $(seq 1 100); do alive "$pid" || break; sleep 0.1; done
-    alive "$pid" && kill -KILL "$pid"
-  fi
-  rm -f "$pidfile"
-  echo "triton-cpu: stopped"
-}
 
 status() {
   if [ -f "$pidfile" ] && alive "$(cat "$pidfile")" && ready; then

@@ -30,3 +30,12 @@ stop() {
   rm -f "$pidfile"
   echo "$name: stopped"
 }
+
+# status: ready (pid), or "not running" and 1.
+status() {
+  if [ -f "$pidfile" ] && alive "$(cat "$pidfile")" && ready; then
+    echo "$name: ready (pid $(cat "$pidfile"))"
+  else
+    echo "$name: not running"; return 1
+  fi
+}

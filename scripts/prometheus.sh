@@ -91,14 +91,6 @@ start() {
 }
 
 
-status() {
-  if [ -f "$pidfile" ] && alive "$(cat "$pidfile")" && ready; then
-    echo "prometheus: ready on http://$address:$port (pid $(cat "$pidfile"))"
-  else
-    echo "prometheus: not running"; return 1
-  fi
-}
-
 promtool() {
   [ -n "$(promtool_bin)" ] || install
   exec "$(promtool_bin)" "$@"

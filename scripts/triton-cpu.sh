@@ -89,14 +89,6 @@ start() {
 }
 
 
-status() {
-  if [ -f "$pidfile" ] && alive "$(cat "$pidfile")" && ready; then
-    echo "triton-cpu: ready (pid $(cat "$pidfile"))"
-  else
-    echo "triton-cpu: not running"; return 1
-  fi
-}
-
 perf_analyzer() {
   [ -d "$home/palibs" ] || install
   LD_LIBRARY_PATH="$home/palibs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$venv/bin/perf_analyzer" "$@"

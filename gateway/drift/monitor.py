@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import base64
+import math
 import os
 import time
 from collections import deque
@@ -23,7 +24,8 @@ import orjson
 from google.protobuf.message import DecodeError
 
 from gateway.config import Drift, DriftThresholds
-from gateway.drift.profile import Profile
+from gateway.drift.profile import Profile, unix_time
+from gateway.errors import GatewayError
 from gateway.drift.state import Binner, Counts, Window
 from gateway.drift.stats import compare, distribution_distance
 from gateway.protocol.tensors import DTYPES
@@ -42,11 +44,14 @@ class TargetMonitor:
     key: Key
     profile: Profile
     window: Window
+    backend: Any = None                     # where the version's model config (and trained_at) lives
+    trained_at: float | None = None         # the profile's, else the model config's `trained_at` parameter
     recent: deque[str] = field(default_factory=lambda: deque(maxlen=SAMPLE_IDS))
     inputs: frozenset[str] = frozenset()    # the tensors the profile describes: only these are read
     outputs: frozenset[str] = frozenset()   # (no outputs: the answer is not even parsed)
 
     def __post_init__(self) -> None:
+        self.trained_at = self.profile.trained_at
         self.inputs = frozenset(f.input for f in self.profile.features)
         self.outputs = frozenset(o.output for o in self.profile.outputs)
 
@@ -104,13 +109,13 @@ class DriftHub:
         self.merged: dict[Key, Counts] = {}
         self._alerting: set[tuple[str, str, str]] = set()
 
-    def route(self, public: str, spec: Drift, targets: Mapping[str, tuple[str, str]]) -> RouteDrift:
-        """The route's monitors for its targets (name -> (backend model, version)); profiles are
+    def route(self, public: str, spec: Drift, targets: Mapping[str, tuple[Any, str, str]]) -> RouteDrift:
+        """The route's monitors for its targets (name -> (backend, model, version)); profiles are
         matched by model and version (an unversioned target by model, when it has one profile);
         a target without a profile is not monitored."""
         profiles = {(p.model, p.version): p for p in (self._profile(self.base / f) for f in spec.profiles)}
         monitors = {}
-        for name, (model, version) in targets.items():
+        for name, (backend, model, version) in targets.items():
             profile = profiles.get((model, version))
             if profile is None and not version:  # Triton picks the version: fine if the model has one profile
                 only = [p for (m, _), p in profiles.items() if m == model]
@@ -120,7 +125,8 @@ class DriftHub:
             key = (public, name, profile.version)
             kept = self._monitors.get(key)
             if kept is None or kept[0] != spec or kept[1].profile is not profile:
-                kept = self._monitors[key] = (spec, TargetMonitor(key, profile, Window(spec.window, Binner(profile), self._clock)))
+                window = Window(spec.window, Binner(profile), self._clock)
+                kept = self._monitors[key] = (spec, TargetMonitor(key, profile, window, backend))
             monitors[name] = kept[1]
         return RouteDrift(spec, monitors)
 
@@ -137,9 +143,28 @@ class DriftHub:
         while True:
             await asyncio.sleep(min((d.interval_s for d in specs().values()), default=5.0))
             try:
+                await self._training_times()
                 self.tick(specs())
             except Exception:  # noqa: BLE001 - drift must never take the gateway down
                 log.exception("drift tick failed")
+
+    async def _training_times(self) -> None:
+        """Versions whose profile has no training time: ask Triton's model config once for a
+        `trained_at` parameter (ISO 8601); a failed ask is tried again next tick."""
+        for _, monitor in self._monitors.values():
+            if monitor.trained_at is not None or monitor.backend is None:
+                continue
+            profile = monitor.profile
+            try:
+                config = (await monitor.backend.cached("ModelConfig", profile.model, profile.version)).config
+            except GatewayError:
+                continue
+            monitor.backend, monitor.trained_at = None, math.nan  # NaN: asked, none declared
+            if "trained_at" in config.parameters:
+                try:
+                    monitor.trained_at = unix_time(config.parameters["trained_at"].string_value)
+                except ValueError as e:
+                    log.warning("model %s version %s: trained_at parameter unreadable: %s", profile.model, profile.version, e)
 
     def tick(self, specs: dict[str, Drift]) -> None:
         """One round: this worker's judged counts out; the leader merges and judges them all."""
@@ -164,8 +189,8 @@ class DriftHub:
         model, _, version = monitor.key
         profile = monitor.profile
         self.metrics.drift_window(model, version, counts.n)
-        if profile.trained_at is not None:
-            self.metrics.model_age(model, version, time.time() - profile.trained_at, spec.stale_after_s)
+        if monitor.trained_at is not None and not math.isnan(monitor.trained_at):
+            self.metrics.model_age(model, version, time.time() - monitor.trained_at, spec.stale_after_s)
         if counts.n < spec.min_count:
             return
         report = compare(profile, counts)

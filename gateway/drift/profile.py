@@ -128,8 +128,8 @@ class Profile:
             doc = json.loads(Path(path).read_text())
             _require(isinstance(doc, dict) and doc.get("format") == FORMAT, "format",
                      f"expected format {FORMAT}, found {doc.get('format') if isinstance(doc, dict) else doc!r}")
-            return cls(model=str(doc["model"]), version=str(doc["version"]), created=_unix(doc["created"]),
-                       trained_at=None if doc.get("trained_at") is None else _unix(doc["trained_at"]),
+            return cls(model=str(doc["model"]), version=str(doc["version"]), created=unix_time(doc["created"]),
+                       trained_at=None if doc.get("trained_at") is None else unix_time(doc["trained_at"]),
                        features=tuple(FeatureProfile(**f) for f in doc["features"]),
                        outputs=tuple(OutputProfile(**o) for o in doc["outputs"]))
         except (ValueError, KeyError, TypeError) as e:
@@ -144,7 +144,7 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat()
 
 
-def _unix(text: str) -> float:
+def unix_time(text: str) -> float:
     """Unix time of an ISO 8601 text (UTC when it names no zone)."""
     when = datetime.fromisoformat(text)
     return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
@@ -254,7 +254,7 @@ def profile_command(args: argparse.Namespace) -> int:
             {k: read_sample(v) for k, v in _pairs(args.outputs, "--output").items()},
             {k: [int(c) for c in v.split(",")] for k, v in _pairs(args.categorical, "--categorical").items()},
             bins=args.bins, names={k: v.split(",") for k, v in _pairs(args.names, "--names").items()},
-            trained_at=None if args.trained_at is None else _unix(args.trained_at))
+            trained_at=None if args.trained_at is None else unix_time(args.trained_at))
         profile.save(args.out)
     except (OSError, ValueError) as e:
         print(f"infergate drift profile: {e}", file=sys.stderr)

@@ -180,7 +180,7 @@ def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
             bucket=bucket(spec.rate_limit) if spec.rate_limit else None,
             limited=limits.applies(spec.rate_limit),
             validation=Schemas(spec.validation) if spec.validation else None,
-            drift=drift.route(public, spec.drift, {n: (t.model, t.version) for n, t in targets.items()})
+            drift=drift.route(public, spec.drift, {n: (t.backend, t.model, t.version) for n, t in targets.items()})
             if spec.drift and drift else None,
             by_version=by_version,
         )

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +42,12 @@ def profiles(triton, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("profiles")
     sample = np.random.default_rng(7).normal(size=(4000, FEATURES)).astype(np.float32)
     np.save(d / "reference.npy", sample)
-    for version in ("1", "2"):
+    for version in ("1", "2"):  # version 2's training time comes from Triton's model config instead
         np.save(d / f"probs-{version}.npy", classify(triton.grpc_url, sample, version=version))
+        trained = ["--trained-at", "2026-01-01T00:00:00Z"] if version == "1" else []
         subprocess.run([sys.executable, "-m", "gateway", "drift", "profile", "--model", "classifier", "--version", version,
                         "--input", f"features={d / 'reference.npy'}", "--output", f"probabilities={d / f'probs-{version}.npy'}",
-                        "--trained-at", "2026-01-01T00:00:00Z", "--out", str(d / f"classifier-{version}.json")],
-                       cwd=ROOT, check=True, timeout=120)
+                        *trained, "--out", str(d / f"classifier-{version}.json")], cwd=ROOT, check=True, timeout=120)
     return d
 
 
@@ -112,6 +113,8 @@ def test_distribution_gate_rolls_back_a_canary_whose_predictions_depart(triton, 
         rollout = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/admin/routes").read())[0]["rollout"]
         phase = rollout["phase"]
     assert phase == "rolled_back"
+    age = time.time() - datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp()  # models/classifier/config.pbtxt
+    assert metric(gw, "infergate_model_age_seconds", model="classifier", version="2") == pytest.approx(age, abs=60)
     assert "prediction distribution departs from the primary's" in rollout["reason"]
     assert metric(gw, "infergate_rollout_events_total", model="classifier", event="rolled_back") == 1
 

@@ -97,7 +97,7 @@ class DataPlane:
                 await routes.limits.admit(client, model, route.bucket)
             decision = route.decide(call.version, call.headers, call.request)
             target = decision.target
-            target_name, version = target.name, call.version or target.version
+            target_name, version = target.name, target.version
             if route.validation is not None:
                 await self._validate(route, target, call)
             sent = self._clock()
@@ -106,6 +106,7 @@ class DataPlane:
                                        call.request_id)
             finally:
                 self.metrics.backend(target.backend.name, model, self._clock() - sent)
+            version = version or call.version  # a version the client chose is a label once Triton has served it
         except GatewayError as e:
             code = e.code.name
             if isinstance(e, ResourceExhausted):
@@ -159,7 +160,9 @@ class DataPlane:
             await schemas.validator(target.backend, target.model, target.version)
         violation = validator.check(call.request, len(call.raw))
         if violation is not None:
-            self.metrics.violation(route.public, violation.input, violation.rule, schemas.spec.mode)
+            # the client names its tensors: an unknown one is one label, cardinality must not follow
+            label = UNKNOWN if violation.rule == "schema.unknown_input" else violation.input
+            self.metrics.violation(route.public, label, violation.rule, schemas.spec.mode)
             if schemas.spec.mode == "reject":
                 raise violation.error()
 

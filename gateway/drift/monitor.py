@@ -21,7 +21,6 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import orjson
-from google.protobuf.message import DecodeError
 
 from gateway.config import Drift, DriftThresholds
 from gateway.drift.profile import Profile, unix_time
@@ -66,7 +65,7 @@ class TargetMonitor:
                 answer = pb.ModelInferResponse.FromString(response)
                 outputs = _tensors(answer.outputs, answer.raw_output_contents, self.outputs)
             self.window.record(_tensors(request.inputs, request.raw_input_contents, self.inputs), outputs)
-        except (ValueError, TypeError, DecodeError) as e:
+        except Exception as e:  # noqa: BLE001 - monitoring must never fail an answer already made
             if not self.skipped:
                 log.warning("drift %s: a request does not fit the profile and is not counted: %s", self.key, e)
             self.skipped += 1
@@ -75,8 +74,11 @@ class TargetMonitor:
 
 
 def _tensors(specs: Any, raw: Any, wanted: frozenset[str]) -> dict[str, np.ndarray]:
-    """name -> array view of each wanted raw tensor numpy can read (the layout is already checked)."""
-    out = {}
+    """name -> array view of each wanted raw tensor numpy can read (check_layout has matched raw
+    entries to shapes). Tensors sent as typed `contents` instead of raw bytes are not binned."""
+    out: dict[str, np.ndarray] = {}
+    if not raw:
+        return out
     for i, spec in enumerate(specs[:]):  # upb containers: a slice is a quick list, iterating one is slow
         name = spec.name
         dtype = DTYPES.get(spec.datatype) if name in wanted else None
@@ -130,6 +132,11 @@ class DriftHub:
             monitors[name] = kept[1]
         return RouteDrift(spec, monitors)
 
+    def retain(self, keys: set[Key]) -> None:
+        """Forget monitors the current route table no longer uses (removed routes, targets, versions)."""
+        for key in set(self._monitors) - keys:
+            del self._monitors[key]
+
     def _profile(self, path: Path) -> Profile:
         """A profile file, re-read only when it changes."""
         mtime = path.stat().st_mtime
@@ -176,7 +183,10 @@ class DriftHub:
         if self.share is not None:
             for other in _gather(self.share):
                 for key, counts in other.items():
-                    merged[key] = merged[key].merge(counts) if key in merged else counts
+                    try:
+                        merged[key] = merged[key].merge(counts) if key in merged else counts
+                    except ValueError as e:  # a worker still on another profile layout (mid-reload)
+                        log.warning("drift counts of %s from another worker skipped: %s", key, e)
         self.merged = merged
         for key, counts in merged.items():
             entry = self._monitors.get(key)
@@ -252,11 +262,12 @@ def _gather(share: Path) -> list[dict[Key, Counts]]:
     """Other live workers' published counts; files of exited workers are removed."""
     found = []
     for path in share.glob("drift-*.json"):
-        pid = int(path.stem.removeprefix("drift-"))
         try:
-            os.kill(pid, 0)
+            os.kill(int(path.stem.removeprefix("drift-")), 0)
         except ProcessLookupError:
             path.unlink(missing_ok=True)
+            continue
+        except (ValueError, PermissionError):  # not a worker's file, or a pid reused by another user
             continue
         try:
             found.append({tuple(key): Counts.from_bytes(base64.b64decode(b)) for key, b in orjson.loads(path.read_bytes())})

@@ -10,6 +10,7 @@ from prometheus_client import multiprocess
 
 DIFF_BUCKETS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+MAX_PRINCIPALS = 1000  # distinct principal labels on the access counter
 BYTES_BUCKETS = tuple(float(4 ** k) for k in range(4, 14))  # 256 B .. 64 MiB
 
 
@@ -70,6 +71,7 @@ class Metrics:
         for result in ("ok", "rejected"):  # series exist from the start: increase() sees the first event
             self.reloads.labels(result)
             self.tls_reloads.labels(result)
+        self._principals: set[str] = set()
         self._decided: dict[tuple[str, str, str, bool], Any] = {}
         self._children: dict[tuple[str, str, str, str, str], tuple[Any, Any]] = {}
         self._sized: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -146,9 +148,15 @@ class Metrics:
         self.rollout_events.labels(model, target, event).inc()
 
     def access(self, principal: str, model: str, action: str, allowed: bool) -> None:
+        """Count a decision per principal; past MAX_PRINCIPALS distinct ones (every user of an
+        OIDC issuer, say) the rest are counted as `other`."""
         key = (principal, model, action, allowed)
         child = self._decided.get(key)
         if child is None:
+            if principal not in self._principals:
+                if len(self._principals) >= MAX_PRINCIPALS and principal != "other":
+                    return self.access("other", model, action, allowed)
+                self._principals.add(principal)
             child = self._decided[key] = self.decisions.labels(principal or "anonymous", model, action,
                                                                "allow" if allowed else "deny")
         child.inc()

@@ -184,4 +184,6 @@ def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
             if spec.drift and drift else None,
             by_version=by_version,
         )
+    if drift is not None:
+        drift.retain({m.key for r in routes.values() if r.drift for m in r.drift.by_target.values()})
     return RouteTable(routes, config, limits)

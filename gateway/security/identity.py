@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from gateway.errors import Unauthenticated
 from gateway.security.principal import Principal
 
 if TYPE_CHECKING:
@@ -18,7 +19,10 @@ if TYPE_CHECKING:
 def cert_principal(cert: bytes) -> Principal:
     """The principal a verified client certificate (PEM or DER) names: its first URI SAN (a
     SPIFFE id), else its first DNS SAN, else its subject CN, else the whole subject."""
-    parsed = x509.load_pem_x509_certificate(cert) if cert.startswith(b"-----BEGIN") else x509.load_der_x509_certificate(cert)
+    try:
+        parsed = x509.load_pem_x509_certificate(cert) if cert.startswith(b"-----BEGIN") else x509.load_der_x509_certificate(cert)
+    except ValueError as e:  # TLS verified it, but cryptography cannot read it: no usable identity
+        raise Unauthenticated(f"client certificate cannot be read: {e}") from None
     try:
         san = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

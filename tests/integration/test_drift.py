@@ -136,3 +136,18 @@ def test_counts_of_every_worker_are_merged(triton, start_gateway, profiles):
     assert len(published) == 1, "the non-leader worker publishes its counts"
     other = Counts.from_bytes(base64.b64decode(json.loads(published[0].read_text())[0][1]))
     assert 0 < other.n < 400, "both workers served part of the traffic"
+
+
+def test_typed_contents_are_answered_not_binned(triton, start_gateway, profiles):
+    """A request with typed `contents` instead of raw bytes is served as usual on a drift route."""
+    from gateway.protocol.wire import pb, pb_grpc
+    import grpc
+
+    gw = start_gateway(triton.grpc_url, routes={"classifier": {
+        "target": {"backend": "triton", "model": "classifier", "version": 1},
+        "drift": {"profiles": [str(profiles / "classifier-1.json")], "interval_s": 0.2}}})
+    request = pb.ModelInferRequest(model_name="classifier")
+    tensor = request.inputs.add(name="features", datatype="FP32", shape=[1, FEATURES])
+    tensor.contents.fp32_contents.extend([0.0] * FEATURES)
+    answer = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(gw.grpc_url)).ModelInfer(request, timeout=10)
+    assert answer.outputs[0].name == "probabilities"

@@ -72,3 +72,22 @@ def test_without_an_issuer_the_authorization_header_is_ignored(tmp_path):
     cert = CertAuthority(tmp_path, "ca").issue("c", cn="svc").cert.read_bytes()
     assert Authenticator(None).identify(cert, "Bearer whatever").name == "svc"
     assert Authenticator(None).identify(None, "Bearer whatever") is None
+
+
+def test_access_counter_caps_distinct_principals():
+    """Every user of an OIDC issuer is a principal: past MAX_PRINCIPALS they are counted as `other`
+    (in a child process: the metrics live in the process-wide registry)."""
+    code = """
+from prometheus_client import generate_latest
+from gateway.observability.metrics import MAX_PRINCIPALS, Metrics
+m = Metrics()
+for i in range(MAX_PRINCIPALS + 50):
+    m.access(f"user-{i}", "fraud", "infer", True)
+lines = [l for l in generate_latest().decode().splitlines() if l.startswith("infergate_access_decisions_total{")]
+print(len(lines), sum(float(l.rsplit(" ", 1)[1]) for l in lines if 'principal="other"' in l))
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout.split()
+    assert out == ["1001", "50.0"]

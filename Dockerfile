@@ -11,6 +11,8 @@ FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 infergate
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+# compile the drift kernels into numba's on-disk cache now, so workers start without a JIT pause
+RUN python -c "from gateway.drift.kernels import warm_up; warm_up()"
 COPY configs /etc/infergate
 USER infergate
 EXPOSE 9000 9001 9002

@@ -22,6 +22,11 @@ class Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
+    def _exactly_one(self, what: str, first: str, second: str) -> None:
+        """Refuse a section that sets both or neither of two alternative keys."""
+        if (getattr(self, first) is None) == (getattr(self, second) is None):
+            raise ValueError(f"{what} needs exactly one of '{first}' or '{second}'")
+
 
 # ---------------------------------------------------------------- gateway.yaml
 
@@ -92,8 +97,7 @@ class Backend(Strict):
 
     @model_validator(mode="after")
     def _one_form(self) -> "Backend":
-        if (self.url is None) == (self.urls is None):
-            raise ValueError("a backend needs exactly one of 'url' or 'urls'")
+        self._exactly_one("a backend", "url", "urls")
         return self
 
     def endpoints(self) -> list[str]:
@@ -151,8 +155,7 @@ class Jwt(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "Jwt":
-        if (self.jwks_file is None) == (self.jwks_url is None):
-            raise ValueError("jwt needs exactly one of 'jwks_file' or 'jwks_url'")
+        self._exactly_one("jwt", "jwks_file", "jwks_url")
         return self
 
 
@@ -257,8 +260,7 @@ class Sticky(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "Sticky":
-        if (self.header is None) == (self.parameter is None):
-            raise ValueError("sticky needs exactly one of 'header' or 'parameter'")
+        self._exactly_one("sticky", "header", "parameter")
         return self
 
 
@@ -457,8 +459,7 @@ class Route(Strict):
 
     @model_validator(mode="after")
     def _one_form(self) -> "Route":
-        if (self.target is None) == (self.targets is None):
-            raise ValueError("a route needs exactly one of 'target' or 'targets'")
+        self._exactly_one("a route", "target", "targets")
         if self.targets is not None:
             if not self.targets:
                 raise ValueError("'targets' is empty")

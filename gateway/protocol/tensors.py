@@ -19,7 +19,7 @@ DTYPES: dict[str, np.dtype] = {
 # Bytes per element of every fixed-size v2 datatype; BF16 has no numpy form but travels as raw bytes.
 ITEMSIZE: dict[str, int] = {name: dtype.itemsize for name, dtype in DTYPES.items()} | {"BF16": 2}
 # The InferTensorContents field that carries each datatype's typed elements (FP16 and BF16 have none).
-_CONTENTS: dict[str, str] = {
+CONTENTS: dict[str, str] = {
     "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
     "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
     "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
@@ -53,7 +53,7 @@ def check_layout(request: pb.ModelInferRequest) -> None:
             check_tensor(name, tensor.datatype, shape, raw[i])
             continue
         count = check_tensor(name, tensor.datatype, shape, None)
-        field = _CONTENTS.get(tensor.datatype)
+        field = CONTENTS.get(tensor.datatype)
         held = len(getattr(tensor.contents, field)) if field else 0
         if held != count:
             raise InvalidArgument(f"input '{name}' has {held} elements in contents.{field}, its shape {shape} needs {count}"

@@ -19,20 +19,13 @@ import numpy as np
 
 from gateway.config import Bounds, InputRule, Validation
 from gateway.errors import GatewayError, InvalidArgument
-from gateway.protocol.tensors import DTYPES
+from gateway.protocol.tensors import CONTENTS, DTYPES
 from gateway.protocol.wire import pb
 
 log = logging.getLogger(__name__)
 
 RETRY_S = 5.0  # after a failed metadata fetch, the YAML rules alone apply for this long
 
-# the typed `contents` field for each datatype, and the numpy type of its values
-_CONTENTS: dict[str, tuple[str, type]] = {
-    "BOOL": ("bool_contents", np.bool_), "INT8": ("int_contents", np.int32), "INT16": ("int_contents", np.int32),
-    "INT32": ("int_contents", np.int32), "INT64": ("int64_contents", np.int64), "UINT8": ("uint_contents", np.uint32),
-    "UINT16": ("uint_contents", np.uint32), "UINT32": ("uint_contents", np.uint32),
-    "UINT64": ("uint64_contents", np.uint64), "FP32": ("fp32_contents", np.float32), "FP64": ("fp64_contents", np.float64),
-}
 _FLOATS = [np.dtype(t) for t in ("<f2", "<f4", "<f8")]
 
 
@@ -218,12 +211,14 @@ def _read(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, dtype: np
             return Violation(t.name, None, "schema.byte_size",
                              f"{len(raw)} bytes of data, shape {list(shape)} of {t.datatype} needs {count * dtype.itemsize}")
         return np.frombuffer(raw, dtype).reshape(shape)
-    field, ctype = _CONTENTS.get(t.datatype, ("", np.float64))
+    field = CONTENTS.get(t.datatype)
     values = getattr(t.contents, field) if field else ()
     if len(values) != count:
         return Violation(t.name, None, "schema.byte_size",
                          f"{len(values)} values in contents, shape {list(shape)} needs {count}")
-    return np.array(values, ctype).reshape(shape)
+    # floats in the tensor's own precision (bounds compare in it); integers and booleans as numpy
+    # reads the wider values contents carry (an INT8 input travels as int32s)
+    return np.array(values, dtype if dtype.kind == "f" else None).reshape(shape)
 
 
 def compile_validator(spec: Validation, metadata: pb.ModelMetadataResponse | None,

@@ -1,0 +1,1 @@
+"""Audit: trace-linked, hash-chained, signed records of every request."""

@@ -1,4 +1,5 @@
-"""`infergate serve | check-config | routes | drift profile`: argument parsing only; the work lives in the rooms."""
+"""`infergate serve | check-config | routes | audit verify|query|purge|keygen | drift profile`: argument
+parsing only; the work lives in the rooms."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,8 @@ import os
 import sys
 
 from gateway import __version__
-from gateway.supervisor import LEADER_ENV
+from gateway.observability.trace import install_log_filter
+from gateway.supervisor import LEADER_ENV, WORKER_ENV
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     routes.add_argument("--json", action="store_true", help="print the admin API's JSON instead of a table")
     routes.add_argument("--token", default=os.environ.get("INFERGATE_TOKEN"),
                         help="bearer token for the admin API (default: $INFERGATE_TOKEN)")
+    audit = sub.add_parser("audit", help="audit log tools").add_subparsers(dest="audit_command", required=True)
+    from gateway.audit.tools import add_audit_arguments, audit_command
+
+    add_audit_arguments(audit)
     drift = sub.add_parser("drift", help="drift tools").add_subparsers(dest="drift_command", required=True)
     profile = drift.add_parser("profile", help="build a model version's reference profile from a sample")
     from gateway.drift.profile import add_profile_arguments, profile_command
@@ -35,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "drift":
         return profile_command(args)
+    if args.command == "audit":
+        return audit_command(args)
     if args.command == "routes":
         from gateway.routing.report import print_routes
 
@@ -52,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{loaded.routing_path}: ok ({len(loaded.routing.models)} models)")
         return 0
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(process)d %(levelname)s %(name)s [trace=%(trace_id)s]: %(message)s")
+    install_log_filter()
     workers = args.workers or loaded.gateway.workers
     if workers > 1 and not args.worker:
         from gateway.supervisor import supervise
@@ -63,5 +73,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from gateway.worker import serve as run
 
-    uvloop.run(run(loaded, reuse_port=args.worker, leader=os.environ.get(LEADER_ENV, "1") == "1"))
+    uvloop.run(run(loaded, reuse_port=args.worker, leader=os.environ.get(LEADER_ENV, "1") == "1",
+                   index=int(os.environ.get(WORKER_ENV, "0"))))
     return 0

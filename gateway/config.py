@@ -165,10 +165,43 @@ class Auth(Strict):
     jwt: Jwt | None = None
 
 
+class Capture(Strict):
+    """Payload capture: a sampled share of requests keep their tensors in the audit record, with
+    the named inputs, outputs and request parameters redacted (their digests stay)."""
+
+    rate: float = Field(default=0.0, ge=0, le=1)
+    redact: list[str] = Field(default=[], description="tensor or parameter names whose values are never written")
+    max_bytes: int = Field(default=65536, ge=0, description="tensors larger than this keep only their digest")
+
+
+class Subject(Strict):
+    """Where a request names the data subject it is about (what `audit purge --subject` removes)."""
+
+    header: str | None = "x-subject-id"
+    parameter: str | None = "subject_id"
+
+
+class Audit(Strict):
+    """The audit log: one hash-chained, signed stream of segment files per worker."""
+
+    dir: str = Field(min_length=1, description="directory of the log (relative to gateway.yaml)")
+    policy: Literal["drop", "fail_closed"] = Field(
+        default="drop", description="queue full: drop the record (counted), or refuse requests with UNAVAILABLE")
+    queue_size: int = Field(default=65536, ge=16)
+    fsync_interval_s: float = Field(default=1.0, gt=0, le=60)
+    max_segment_bytes: int = Field(default=64 * 2**20, ge=4096)
+    max_segment_age_s: float = Field(default=3600.0, gt=0)
+    retention_days: float | None = Field(default=None, gt=0, description="sealed segments older than this are deleted")
+    signing_key: str = Field(default="", description="Ed25519 private key (PEM); default: <dir>/signing-key.pem, created if missing")
+    subject: Subject = Subject()
+    capture: Capture = Capture()
+
+
 class GatewayConfig(Strict):
     listeners: Listeners = Listeners()
     tls: ServerTls | None = None
     auth: Auth = Auth()
+    audit: Audit | None = None
     workers: int = Field(default=1, ge=1, le=64)
     drain_timeout_s: float = Field(default=10.0, ge=0)
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
@@ -635,7 +668,7 @@ def _route_problems(doc: _Document, name: str, route: Route, gateway: GatewayCon
 
 
 def _file_problems(doc: _Document, gateway: GatewayConfig, base: Path) -> list[Problem]:
-    """Every certificate, key, CA bundle and JWKS file the config names must be there and load."""
+    """Every certificate, key, CA bundle, JWKS and audit signing key the config names must be there and load."""
     pairs: list[tuple[Loc, str | None, str | None]] = []   # (where, certificate chain, its key)
     bundles: list[tuple[Loc, str | None]] = []             # CA bundles
     if gateway.tls is not None:
@@ -653,7 +686,7 @@ def _file_problems(doc: _Document, gateway: GatewayConfig, base: Path) -> list[P
     def check(loc: Loc, attempt: Callable[[], object]) -> None:
         try:
             attempt()
-        except (OSError, ssl.SSLError, ValueError) as e:
+        except (OSError, ssl.SSLError, ValueError, TypeError) as e:
             problems.append(Problem(doc.file, doc.line(loc), f"{_dotted(loc)}: {getattr(e, 'strerror', None) or e}"))
 
     for loc, cert, key in pairs:
@@ -664,6 +697,10 @@ def _file_problems(doc: _Document, gateway: GatewayConfig, base: Path) -> list[P
             check(loc, lambda: ssl.create_default_context(cafile=base / bundle))
     if jwt is not None and jwt.jwks_file:
         check(("auth", "jwt", "jwks_file"), lambda: _key_set(base / jwt.jwks_file))
+    if gateway.audit is not None and gateway.audit.signing_key:
+        from gateway.audit.chain import load_key  # only configs with an audit key need the audit room
+
+        check(("audit", "signing_key"), lambda: load_key(base / gateway.audit.signing_key))
     return problems
 
 

@@ -1,8 +1,9 @@
 """The request path, top to bottom. Frontends decode a protocol into a Call (with the caller's
-principal, from a verified client certificate or bearer token), this module decides what happens
-to it, and frontends encode the answer. Later rooms (drift, audit) slot in here, in this order,
-and nowhere else.
+principal, from a verified client certificate or bearer token, and its W3C trace context), this
+module decides what happens to it, and frontends encode the answer. Later rooms (outcomes) slot
+in here, in this order, and nowhere else.
 
+    audit.admit()                                     fail_closed policy and a full audit queue: UNAVAILABLE
     access.check(principal, model, "infer")         access rules (UNAUTHENTICATED / PERMISSION_DENIED)
     route    = routes.resolve(call.model)             public name -> route (NOT_FOUND)
     check_layout(request)                             tensor bytes agree with shapes (INVALID_ARGUMENT)
@@ -11,9 +12,10 @@ and nowhere else.
     validator.check(request)                          the target's schema and the route's value rules
                                                       (INVALID_ARGUMENT, or counted only in observe mode)
     response = await _send(target, ...)               through the target's cap and breaker; raw bytes + rename,
-                                                      deadline = min(client's, route's)
+                                                      deadline = min(client's, route's), traceparent passed on
       on UNAVAILABLE / NOT_FOUND / DEADLINE_EXCEEDED:  route.fallback.answer(...), marked degraded
     stats / metrics                                   per-target outcomes for rollout gates; counters, latency
+    audit.infer(call, outcome)                        queue the request's record, every outcome (never blocks)
     monitor.record(request, response)                 inline drift: bin inputs and outputs (numba)
     shadows.offer(...)                                sampled shadows run after the answer, off this path
     return response + target.response_suffix          renamed back to the public model
@@ -27,8 +29,11 @@ from typing import Any, Callable, Mapping
 
 import grpc
 
+from gateway.audit.trail import Auditor, RefusedEntry
+from gateway.backends.triton import Metadata
 from gateway.errors import DeadlineExceeded, GatewayError, PermissionDenied, ResourceExhausted, Unauthenticated
 from gateway.observability.metrics import Metrics
+from gateway.observability.trace import Trace, current as current_trace
 from gateway.protocol.tensors import check_layout
 from gateway.protocol.wire import pb
 from gateway.routing.shadow import ShadowDispatcher
@@ -55,8 +60,25 @@ class Call:
     client: str                         # the caller's address
     headers: Mapping[str, str]          # gRPC metadata or HTTP headers, lower-case names
     request: pb.ModelInferRequest       # the parsed form: parameters, tensors to validate
+    trace: Trace                         # the caller's trace (or a new one) and the gateway's span in it
     time_remaining: float | None = None  # the client's deadline, seconds from now
     principal: Principal | None = None   # who is calling (None: no credentials)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one request, filled in as it goes: metric labels and the audit record."""
+
+    model: str = UNKNOWN
+    target: str = UNKNOWN
+    version: str = ""
+    decision: str = ""          # version | pin | active | sticky | weight (routing.table.Decision)
+    validation: str = "not_checked"  # passed | observed:<rule> | rejected:<rule>
+    code: str = "OK"
+    message: str = ""           # the error answered, if any
+    fallback: str = ""          # the rule(s) that answered instead of the model
+    response: bytes = b""       # the answer as the backend (or the rules) gave it
+    config_version: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +91,12 @@ class Answer:
 class DataPlane:
     """Holds the current route table (swapped whole on reload) and runs each request through it."""
 
-    def __init__(self, metrics: Metrics, shadows: ShadowDispatcher, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, metrics: Metrics, shadows: ShadowDispatcher, audit: Auditor | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.routes: RouteTable | None = None
         self.metrics = metrics
         self.shadows = shadows
+        self.audit = audit
         self._clock = clock
 
     def swap(self, routes: RouteTable) -> None:
@@ -82,65 +106,82 @@ class DataPlane:
     async def infer(self, call: Call) -> Answer:
         """Forward one request to the target its route picks."""
         start = self._clock()
-        model, target_name, version, code = UNKNOWN, UNKNOWN, "", "OK"
+        audit = self.audit
+        if audit is not None:
+            audit.admit()
+        current_trace.set(call.trace)  # log lines written while this request runs carry its trace id
+        done = Outcome()
+        route: Route | None = None
         target: Target | None = None
         in_flight = None
         try:
             routes = self.routes
+            done.config_version = routes.version
             self.authorize(call.principal, call.model, "infer")
             route = routes.resolve(call.model)
-            model = route.public
-            in_flight = self.metrics.enter(model)
+            done.model = route.public
+            in_flight = self.metrics.enter(done.model)
             check_layout(call.request)
             if route.limited:
                 client = call.principal.name if call.principal is not None else call.client
-                await routes.limits.admit(client, model, route.bucket)
+                await routes.limits.admit(client, done.model, route.bucket)
             decision = route.decide(call.version, call.headers, call.request)
             target = decision.target
-            target_name, version = target.name, target.version
+            done.target, done.version, done.decision = target.name, target.version, decision.reason
             if route.validation is not None:
-                await self._validate(route, target, call)
+                await self._validate(route, target, call, done)
             sent = self._clock()
             try:
                 response = await _send(target, call.raw + decision.suffix, _timeout(target, call.time_remaining),
-                                       call.request_id)
+                                       call.request_id, call.trace.headers())
             finally:
-                self.metrics.backend(target.backend.name, model, self._clock() - sent)
-            version = version or call.version  # a version the client chose is a label once Triton has served it
+                self.metrics.backend(target.backend.name, done.model, self._clock() - sent)
+            done.response = response
+            done.version = done.version or call.version  # a version the client chose is a label once Triton has served it
         except GatewayError as e:
-            code = e.code.name
+            done.code, done.message = e.code.name, e.message
             if isinstance(e, ResourceExhausted):
-                self.metrics.limited(model, e.scope)
-            if target is None:
+                self.metrics.limited(done.model, e.scope)
+            if target is None or route is None:
                 raise
             if route.tracks_outcomes and e.code not in _CLIENT_FAULTS:
                 target.stats.record(False, self._clock() - start)
             if route.fallback is None or e.code not in _FALLBACK_ON:
                 raise
             raw, rules = route.fallback.answer(call.request, route.public)
-            code, target_name = "OK", FALLBACK_TARGET
-            self.metrics.fallback(model, rules, e.code.name)
+            done.code, done.target, done.fallback, done.response = "OK", FALLBACK_TARGET, rules, raw
+            self.metrics.fallback(done.model, rules, e.code.name)
             return Answer(raw, FALLBACK_TARGET, rules)
         except asyncio.CancelledError:
-            code = "CANCELLED"
+            done.code = "CANCELLED"
             raise
         except Exception:
-            code = "INTERNAL"
+            done.code = "INTERNAL"
             raise
         finally:
-            self.metrics.observe(model, target_name, version, call.protocol, code, self._clock() - start)
+            elapsed = self._clock() - start
+            self.metrics.observe(done.model, done.target, done.version, call.protocol, done.code, elapsed)
             if in_flight is not None:
                 in_flight.dec()
+            if audit is not None:
+                audit.infer(call, done, elapsed)
         if route.tracks_outcomes:
             target.stats.record(True, self._clock() - start)
-        self.metrics.sizes(model, call.protocol, len(call.raw), len(response))
+        self.metrics.sizes(done.model, call.protocol, len(call.raw), len(response))
         if route.drift is not None:
-            monitor = route.drift.by_target.get(target_name)
+            monitor = route.drift.by_target.get(done.target)
             if monitor is not None:
-                monitor.record(call.request, response, _trace_id(call))
+                monitor.record(call.request, response, call.trace.trace_id)
         if route.shadows:
             self.shadows.offer(route, call, target, response)
-        return Answer(response + target.response_suffix, target_name)
+        return Answer(response + target.response_suffix, done.target)
+
+    def refused(self, trace: Trace, model: str, protocol: str, client: str, error: GatewayError,
+                request_id: str = "") -> None:
+        """A request the frontend could not turn into a Call (malformed, or credentials that do
+        not verify): it is audited too."""
+        if self.audit is not None:
+            self.audit.refused(RefusedEntry(time.time(), trace, model, protocol, client, error, request_id))
 
     def authorize(self, principal: Principal | None, model: str, action: str) -> None:
         """Apply the access rules in force, counting the decision per principal and model."""
@@ -152,7 +193,7 @@ class DataPlane:
         if not allowed:
             access.check(principal, model, action)
 
-    async def _validate(self, route: Route, target: Target, call: Call) -> None:
+    async def _validate(self, route: Route, target: Target, call: Call, done: Outcome) -> None:
         """The route's edge checks against the target's compiled schema; a violation is refused
         (reject mode) or only counted (observe mode)."""
         schemas = route.validation
@@ -163,8 +204,11 @@ class DataPlane:
             # the client names its tensors: an unknown one is one label, cardinality must not follow
             label = UNKNOWN if violation.rule == "schema.unknown_input" else violation.input
             self.metrics.violation(route.public, label, violation.rule, schemas.spec.mode)
+            done.validation = f"{'rejected' if schemas.spec.mode == 'reject' else 'observed'}:{violation.rule}"
             if schemas.spec.mode == "reject":
                 raise violation.error()
+        else:
+            done.validation = "passed"
 
     # ---- the metadata side of the protocol: authorize, resolve the route, ask its backend, rename back
 
@@ -247,29 +291,29 @@ class DataPlane:
             any(t.backend.healthy for t in route.targets.values()) for route in self.routes.routes.values())
 
 
-async def _send(target: Target, payload: bytes, timeout: float, request_id: str) -> bytes:
+async def _send(target: Target, payload: bytes, timeout: float, request_id: str, metadata: Metadata) -> bytes:
     """The backend call, through the target's concurrency cap and circuit breaker when the route
     declares them (either refuses with UNAVAILABLE at once: the fallback rules may answer)."""
     cap = target.cap
     if cap is None:
-        return await _guarded_call(target, payload, timeout, request_id)
+        return await _guarded_call(target, payload, timeout, request_id, metadata)
     loop = asyncio.get_running_loop()
     start = loop.time()
     await cap.acquire(timeout)
     begin = loop.time()
     try:
-        return await _guarded_call(target, payload, timeout - (begin - start), request_id)
+        return await _guarded_call(target, payload, timeout - (begin - start), request_id, metadata)
     finally:
         cap.release(loop.time() - begin)
 
 
-async def _guarded_call(target: Target, payload: bytes, timeout: float, request_id: str) -> bytes:
+async def _guarded_call(target: Target, payload: bytes, timeout: float, request_id: str, metadata: Metadata) -> bytes:
     breaker = target.breaker
     if breaker is None:
-        return await target.backend.infer(payload, timeout, request_id)
+        return await target.backend.infer(payload, timeout, request_id, metadata)
     trial = breaker.admit()
     try:
-        response = await target.backend.infer(payload, timeout, request_id)
+        response = await target.backend.infer(payload, timeout, request_id, metadata)
     except GatewayError as e:
         breaker.record(e, trial)
         raise
@@ -278,13 +322,6 @@ async def _guarded_call(target: Target, payload: bytes, timeout: float, request_
         raise
     breaker.record(None, trial)
     return response
-
-
-def _trace_id(call: Call) -> str:
-    """The W3C traceparent's trace id when the caller sent one, else the request id."""
-    parent = call.headers.get("traceparent") or ""
-    parts = parent.split("-")
-    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else call.request_id or "-"
 
 
 def _timeout(target: Target, client_remaining: float | None) -> float:

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 LEADER_ENV = "INFERGATE_LEADER"  # "1" in the one worker that runs the rollout controller
+WORKER_ENV = "INFERGATE_WORKER"  # the worker's index: a restarted worker takes over its audit stream
 
 
 def _die_with_parent() -> None:
@@ -35,7 +36,7 @@ def supervise(argv: list[str], workers: int) -> int:
     stopping = False
 
     def spawn(index: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(command, env=dict(env, **{LEADER_ENV: "1" if index == 0 else "0"}),
+        return subprocess.Popen(command, env=dict(env, **{LEADER_ENV: "1" if index == 0 else "0", WORKER_ENV: str(index)}),
                                 preexec_fn=_die_with_parent)
 
     def forward(signum: int, frame: object) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from gateway.audit.trail import Auditor
 from gateway.backends.triton import TritonBackend
 from gateway.config import Loaded
 from gateway.dataplane import DataPlane
@@ -45,21 +46,24 @@ def _shared_dir() -> Path | None:
     return Path(shared) if shared else None
 
 
-async def serve(loaded: Loaded, reuse_port: bool, leader: bool) -> None:
+async def serve(loaded: Loaded, reuse_port: bool, leader: bool, index: int = 0) -> None:
     """Run the gateway until a stop signal, then drain within drain_timeout_s. The leader (the
-    only worker, or worker 0) runs the rollout controller."""
+    only worker, or worker 0) runs the rollout controller; worker `index` writes audit stream w<index>."""
     cfg = loaded.gateway
     base = loaded.gateway_path.parent
     metrics = Metrics()
+    audit = Auditor(cfg.audit, base, f"w{index}", metrics) if cfg.audit else None
+    if audit is not None:
+        await asyncio.to_thread(audit.open)  # recovery may read a whole segment: off the loop
     backends = {name: TritonBackend(name, spec, cfg.max_message_bytes, metrics.retry,
                                     channel_credentials(spec.tls, base) if spec.tls else None)
                 for name, spec in cfg.backends.items()}
     await asyncio.gather(*(b.probe() for b in backends.values()))
     for backend in backends.values():
         backend.start()
-    shadows = ShadowDispatcher(metrics)
+    shadows = ShadowDispatcher(metrics, audit)
     shadows.start()
-    dataplane = DataPlane(metrics, shadows)
+    dataplane = DataPlane(metrics, shadows, audit)
     drift = DriftHub(loaded.routing_path.parent, metrics, leader, _shared_dir())  # its Binners JIT-compile
     live = LiveRouting(loaded, backends, metrics, dataplane.swap, drift)
     background = [asyncio.create_task(live.watch()),
@@ -115,6 +119,8 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool) -> None:
     for task in background:
         task.cancel()
     await shadows.close()
+    if audit is not None:
+        await asyncio.to_thread(audit.close, cfg.drain_timeout_s)  # the last records, fsynced and sealed
     if jwt is not None:
         await jwt.close()
     await asyncio.gather(*(b.close() for b in backends.values()))

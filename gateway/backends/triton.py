@@ -20,6 +20,7 @@ from gateway.resilience.retry import RetryBudget, jittered
 log = logging.getLogger(__name__)
 
 _INFER = f"/{SERVICE}/ModelInfer"
+Metadata = tuple[tuple[str, str], ...]  # gRPC metadata sent with one call (the trace context)
 
 
 class Replica:
@@ -43,18 +44,19 @@ class Replica:
     def available(self, now: float) -> bool:
         return self.healthy and now >= self.ejected_until
 
-    async def infer(self, payload: bytes, timeout: float, request_id: str) -> bytes:
+    async def infer(self, payload: bytes, timeout: float, request_id: str, metadata: Metadata = ()) -> bytes:
+        """metadata goes with a unary call; a shared stream carries none per request."""
         self.outstanding += 1
         try:
             if self._streams is not None:
                 return await self._streams.infer(payload, timeout, request_id)
-            return await self._unary(payload, timeout)
+            return await self._unary(payload, timeout, metadata)
         finally:
             self.outstanding -= 1
 
-    async def _unary(self, payload: bytes, timeout: float) -> bytes:
+    async def _unary(self, payload: bytes, timeout: float, metadata: Metadata = ()) -> bytes:
         try:
-            return await self._next_infer()(payload, timeout=timeout)
+            return await self._next_infer()(payload, timeout=timeout, metadata=metadata or None)
         except grpc.aio.AioRpcError as e:
             raise _translate(e) from None
 
@@ -109,9 +111,10 @@ class TritonBackend:
     def healthy(self) -> bool:
         return any(r.healthy for r in self.replicas)
 
-    async def infer(self, payload: bytes, timeout: float, request_id: str) -> bytes:
+    async def infer(self, payload: bytes, timeout: float, request_id: str, metadata: Metadata = ()) -> bytes:
         """Send one serialized ModelInferRequest; return the serialized ModelInferResponse.
-        request_id is the id the caller sent, which the answer must carry."""
+        request_id is the id the caller sent, which the answer must carry; metadata (the trace
+        context) goes with it to Triton."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         self.budget.deposit()
@@ -119,7 +122,7 @@ class TritonBackend:
         while True:
             replica = self._pick(tried)
             try:
-                answer = await replica.infer(payload, deadline - loop.time(), request_id)
+                answer = await replica.infer(payload, deadline - loop.time(), request_id, metadata)
             except (Unavailable, DeadlineExceeded) as e:
                 replica.outcome(True, self.config)
                 tried.append(replica)

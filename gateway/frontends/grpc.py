@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 from gateway import __version__
 from gateway.dataplane import Call, DataPlane
 from gateway.errors import GatewayError, InvalidArgument
+from gateway.observability.trace import TRACEPARENT, Trace
 from gateway.protocol.wire import SERVICE, parameter_text, pb, stream_error, stream_response
 from gateway.security.identity import Authenticator
 from gateway.security.principal import Principal
@@ -59,8 +60,16 @@ class GrpcFrontend:
         })
 
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        answer = await self.dataplane.infer(self._call(raw, context))
-        trailers = [(TARGET_HEADER, answer.target)]
+        """One request; the trailers name the target that served it and the gateway's span
+        (traceparent), on errors too."""
+        headers = _Metadata(context)
+        trace = Trace.from_headers(headers)  # type: ignore[arg-type]
+        span = (TRACEPARENT, trace.traceparent())
+        try:
+            answer = await self.dataplane.infer(self._call(raw, context, headers, trace))
+        except GatewayError as e:
+            await _abort(context, e, (span,))
+        trailers = [(TARGET_HEADER, answer.target), span]
         if answer.fallback:
             trailers.append((FALLBACK_HEADER, answer.fallback))
         context.set_trailing_metadata(tuple(trailers))
@@ -91,10 +100,11 @@ class GrpcFrontend:
 
         async def read_all() -> None:
             sequences: dict[str, asyncio.Task[None]] = {}
+            headers = _Metadata(context)
             try:
                 async for raw in requests:
                     try:
-                        call = self._call(raw, context)
+                        call = self._call(raw, context, headers, Trace.from_headers(headers))  # type: ignore[arg-type]
                     except GatewayError as e:
                         answers.put_nowait(stream_error(e.message, ""))
                         continue
@@ -144,14 +154,20 @@ class GrpcFrontend:
     async def repository_index(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
         return await self.dataplane.repository_index(request.ready, self._principal(context))
 
-    def _call(self, raw: bytes, context: grpc.aio.ServicerContext) -> Call:
+    def _call(self, raw: bytes, context: grpc.aio.ServicerContext, headers: "_Metadata", trace: Trace) -> Call:
+        """The Call for one request; one that cannot be read (malformed, or credentials that do
+        not verify) is audited as refused, then answered with its error."""
+        request = None
         try:
             request = pb.ModelInferRequest.FromString(raw)
-        except DecodeError as e:
-            raise InvalidArgument(f"malformed ModelInferRequest: {e}") from None
-        headers = _Metadata(context)
+            principal = self._principal(context, headers)
+        except (DecodeError, GatewayError) as e:
+            error = e if isinstance(e, GatewayError) else InvalidArgument(f"malformed ModelInferRequest: {e}")
+            self.dataplane.refused(trace, request.model_name if request else "", "grpc", _client(context.peer()), error,
+                                   request.id if request else "")
+            raise error from None
         return Call(request.model_name, request.model_version, request.id, raw, "grpc", _client(context.peer()),
-                    headers, request, context.time_remaining(), self._principal(context, headers))  # type: ignore[arg-type]
+                    headers, request, trace, context.time_remaining(), principal)  # type: ignore[arg-type]
 
     def _principal(self, context: grpc.aio.ServicerContext, headers: "_Metadata | None" = None) -> Principal | None:
         """The caller: a bearer token in the `authorization` metadata, else the verified client certificate."""
@@ -183,14 +199,19 @@ def _client(peer: str) -> str:
     return peer.rpartition(":")[0] or peer
 
 
+async def _abort(context: grpc.aio.ServicerContext, error: GatewayError, trailers: tuple[tuple[str, str], ...] = ()) -> None:
+    """End the call with the error's code, message and trailing metadata (and any given)."""
+    await context.abort(error.code, error.message, (*((k.lower(), v) for k, v in error.headers().items()), *trailers))
+
+
 def _guarded(fn: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Answer a GatewayError with its own code and message; anything else is INTERNAL, logged."""
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await fn(request, context)
         except GatewayError as e:
-            await context.abort(e.code, e.message, tuple((k.lower(), v) for k, v in e.headers().items()))
-        except asyncio.CancelledError:
+            await _abort(context, e)
+        except (asyncio.CancelledError, grpc.aio.AbortError):  # the handler ended the call itself
             raise
         except Exception:
             log.exception("unexpected error in %s", getattr(fn, "__name__", fn))

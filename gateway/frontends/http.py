@@ -14,6 +14,7 @@ from gateway import __version__
 from gateway.dataplane import Call, DataPlane
 from gateway.errors import GatewayError
 from gateway.frontends.grpc import EXTENSIONS, FALLBACK_HEADER, TARGET_HEADER
+from gateway.observability.trace import TRACEPARENT, Trace
 from gateway.protocol import http_codec
 from gateway.protocol.messages import to_json
 from gateway.protocol.wire import pb
@@ -40,12 +41,17 @@ def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = 
     return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json", headers=headers)
 
 
+def error_response(error: GatewayError, headers: dict[str, str] | None = None) -> web.Response:
+    """{"error": message} with the error's HTTP status and headers (and any given)."""
+    return json_response({"error": error.message}, error.http_status, error.headers() | (headers or {}))
+
+
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except GatewayError as e:
-        return json_response({"error": e.message}, e.http_status, e.headers())
+        return error_response(e)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -90,16 +96,27 @@ class HttpFrontend:
         return app
 
     async def infer(self, request: web.Request) -> web.Response:
+        """One request; the response headers name the target that served it and the gateway's
+        span (traceparent), on errors too. A body that cannot be read, or credentials that do not
+        verify, are audited as refused."""
         model, version = request.match_info["model"], request.match_info.get("version", "")
-        caller = principal(request, self.authenticator)
-        body = await request.read()
-        infer_request, plan = http_codec.decode_request(
-            body, request.headers.get(http_codec.HEADER_LENGTH), model, version)
-        answer = await self.dataplane.infer(Call(model, version, infer_request.id, infer_request.SerializeToString(),
-                                                 "http", request.remote or "", request.headers, infer_request,
-                                                 principal=caller))
+        trace = Trace.from_headers(request.headers)
+        span = {TRACEPARENT: trace.traceparent()}
+        call = None
+        try:
+            caller = principal(request, self.authenticator)
+            body = await request.read()
+            infer_request, plan = http_codec.decode_request(
+                body, request.headers.get(http_codec.HEADER_LENGTH), model, version)
+            call = Call(model, version, infer_request.id, infer_request.SerializeToString(), "http", request.remote or "",
+                        request.headers, infer_request, trace, principal=caller)
+            answer = await self.dataplane.infer(call)
+        except GatewayError as e:
+            if call is None:
+                self.dataplane.refused(trace, model, "http", request.remote or "", e)
+            return error_response(e, span)
         out, header_length = http_codec.encode_response(pb.ModelInferResponse.FromString(answer.raw), plan)
-        headers = {TARGET_HEADER: answer.target}
+        headers = {TARGET_HEADER: answer.target, **span}
         if answer.fallback:
             headers[FALLBACK_HEADER] = answer.fallback
         if header_length is None:

@@ -68,6 +68,18 @@ class Metrics:
                                  ["model", "version"], multiprocess_mode="livemax")
         self.model_stale = Gauge("infergate_model_stale", "1 when the version is older than its stale_after_s",
                                  ["model", "version"], multiprocess_mode="livemax")
+        self.audit_records = Counter("infergate_audit_records_written_total", "Audit records written to the log")
+        self.audit_depth = Gauge("infergate_audit_queue_depth", "Audit records queued, not yet written",
+                                 multiprocess_mode="livesum")
+        self.audit_capacity_ = Gauge("infergate_audit_queue_capacity", "Audit records the queue holds at most",
+                                     multiprocess_mode="livesum")
+        self.audit_drops = Counter("infergate_audit_dropped_total", "Audit records dropped: the queue was full (policy drop)")
+        self.audit_refusals = Counter("infergate_audit_refused_total",
+                                      "Requests refused with UNAVAILABLE: the audit queue was full (policy fail_closed)")
+        self.audit_failures = Counter("infergate_audit_failures_total",
+                                      "Audit writer failures by stage (render, write, fsync, seal, recovery, retention)", ["stage"])
+        self.audit_recoveries = Counter("infergate_audit_recoveries_total", "Audit streams recovered after an unclean stop")
+        self.audit_seals = Counter("infergate_audit_seals_total", "Signed audit seals written: checkpoint or final", ["kind"])
         for result in ("ok", "rejected"):  # series exist from the start: increase() sees the first event
             self.reloads.labels(result)
             self.tls_reloads.labels(result)
@@ -178,6 +190,31 @@ class Metrics:
 
     def violation(self, model: str, input_name: str, rule: str, mode: str) -> None:
         self.violations.labels(model, input_name, rule, mode).inc()
+
+    def audit_capacity(self, capacity: int) -> None:
+        """The audit log is open: its capacity, and every failure stage at 0 for increase()."""
+        self.audit_capacity_.set(capacity)
+        for stage in ("render", "write", "fsync", "seal", "recovery", "retention"):
+            self.audit_failures.labels(stage)
+
+    def audit_written(self, records: int, depth: int) -> None:
+        self.audit_records.inc(records)
+        self.audit_depth.set(depth)
+
+    def audit_dropped(self) -> None:
+        self.audit_drops.inc()
+
+    def audit_refused(self) -> None:
+        self.audit_refusals.inc()
+
+    def audit_failed(self, stage: str) -> None:
+        self.audit_failures.labels(stage).inc()
+
+    def audit_recovered(self) -> None:
+        self.audit_recoveries.inc()
+
+    def audit_sealed(self, final: bool) -> None:
+        self.audit_seals.labels("final" if final else "checkpoint").inc()
 
     def tls_reload(self, result: str, expiry: float) -> None:
         self.tls_reloads.labels(result).inc()

@@ -43,6 +43,7 @@ class LiveRouting:
         self.table = table
         self._on_swap(table)
         self.metrics.route_weights(table)
+        log.info("routing version %s in force", table.version)  # audit records name it as config_version
         return table
 
     def _saved(self) -> dict[str, RouteState]:

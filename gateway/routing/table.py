@@ -6,6 +6,7 @@ A reload, an admin change or a rollout step builds a new table and swaps one ref
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -128,12 +129,20 @@ class RouteTable:
         self.config = config
         self.limits = limits
         self.access = Policy(config.access)
+        self.version = _version(config, self.routes)
 
     def resolve(self, public: str) -> Route:
         route = self.routes.get(public)
         if route is None:
             raise NotFound(f"Request for unknown model: '{public}' is not found")
         return route
+
+
+def _version(config: RoutingConfig, routes: Mapping[str, Route]) -> str:
+    """12 hex digits naming the routing in force (the file's content, the live weights and
+    blue-green switches): audit records say which one decided."""
+    live = sorted((r.public, t.name, t.weight, r.active is t) for r in routes.values() for t in r.targets.values())
+    return hashlib.sha256(config.model_dump_json().encode() + repr(live).encode()).hexdigest()[:12]
 
 
 def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],

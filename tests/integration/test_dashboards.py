@@ -6,7 +6,7 @@ breaker, a rate limit, edge validation, fallback rules and a pinned `standby` ta
 backend is down (its retries run out of budget, its breaker opens, fallback rules answer); on
 double a canary naming a version Triton lacks, which the error-rate gate rolls back. TLS on the
 HTTP listener (a certificate expiring in 10 days), access rules that deny metadata on
-classifier, a rejected routing reload. A real Prometheus (scripts/prometheus.sh) scrapes the
+classifier, a rejected routing reload, the audit log on. A real Prometheus (scripts/prometheus.sh) scrapes the
 admin port every second and loads the rules file.
 
 Then every PromQL expression of every panel target, annotation and model variable of every
@@ -350,7 +350,8 @@ def stack(request, triton, module_launcher, tmp_path_factory):
     started = time.monotonic()
     gw = module_launcher.start("", routes=routes(drift), access=ACCESS, backends=backends,
                                tls={"cert": str(server.cert), "key": str(server.key), "client_auth": "none",
-                                    "listeners": ["http"], "reload_s": 1})
+                                    "listeners": ["http"], "reload_s": 1},
+                               audit={"dir": str(d / "audit")})
     port = free_port()
     (d / "prometheus.yml").write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},

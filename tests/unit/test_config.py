@@ -96,3 +96,28 @@ def test_broken_routing_files_name_line_and_reason(tmp_path, case):
 def test_good_split_routing_loads(tmp_path):
     loaded = config.load(write(tmp_path, routing=GOOD))
     assert {n: t.weight for n, t in loaded.routing.models["classifier"].named_targets().items()} == {"v1": 90, "v2": 10}
+
+
+@pytest.mark.parametrize("setting, key_text, reason", [
+    ("policy: sometimes", None, "audit.policy: Input should be 'drop' or 'fail_closed'"),
+    ("signing_key: key.pem", "not a key", "audit.signing_key: "),
+    ("signing_key: missing.pem", None, "audit.signing_key: No such file"),
+    ("fsync_interval_s: 0", None, "audit.fsync_interval_s: Input should be greater than 0"),
+    ("colour: blue", None, "audit.colour: unknown key"),
+])
+def test_bad_audit_config_names_file_and_line(tmp_path, setting, key_text, reason):
+    if key_text is not None:
+        (tmp_path / "key.pem").write_text(key_text)
+    found = problems(write(tmp_path, GATEWAY + f"audit:\n  dir: audit\n  {setting}\n"))
+    assert any(p.startswith(f"{tmp_path / 'gateway.yaml'}:7: {reason}") for p in found), found
+
+
+def test_an_rsa_key_is_not_an_audit_signing_key(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(65537, 2048)
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    found = problems(write(tmp_path, GATEWAY + "audit:\n  dir: audit\n  signing_key: key.pem\n"))
+    assert any("audit.signing_key" in p and "not an Ed25519 private key" in p for p in found), found

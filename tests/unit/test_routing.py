@@ -15,7 +15,7 @@ from gateway.protocol.wire import pb
 from gateway.routing.rollout import RolloutController
 from gateway.routing.shadow import compare
 from gateway.routing.split import Split
-from gateway.routing.state import RolloutStatus, RouteState, rollout_weights
+from gateway.routing.state import RouteState, rollout_weights
 from gateway.routing.table import compile_routes
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gateway.config import Backend, Compare, RoutingConfig  # noqa: E402
 from gateway.dataplane import Call  # noqa: E402
 from gateway.observability.metrics import Metrics  # noqa: E402
+from gateway.observability.trace import Trace  # noqa: E402
 from gateway.protocol.wire import pb  # noqa: E402
 from gateway.routing.shadow import ShadowDispatcher, compare  # noqa: E402
 from gateway.routing.table import compile_routes  # noqa: E402
@@ -68,7 +69,7 @@ def measure() -> list[tuple[str, float]]:
     async def offers() -> float:
         shadowed = _route(shadows=[{"target": "v2", "rate": 1.0}])
         dispatcher = ShadowDispatcher(Metrics(), queue_size=10**7)
-        call = Call("classifier", "", "", b"", "grpc", "bench", {})
+        call = Call("classifier", "", "", b"", "grpc", "bench", {}, pb.ModelInferRequest(), Trace.from_headers({}))
         target = shadowed.targets["v1"]
         n = 20000
         return min(timeit.repeat(lambda: dispatcher.offer(shadowed, call, target, b""), number=n, repeat=5)) / n * 1e6

@@ -318,7 +318,8 @@ def start_gateway(stack: contextlib.ExitStack, run_dir: Path, base: Path, routin
                   overrides: dict[str, Any], certs: BenchCerts | None) -> Target:
     """Write the variant's gateway.yaml (free ports, routing copied), check it, start it, wait until ready.
     The override `model` names the public model to measure instead of `double`; `tls` (server or
-    mutual) turns on TLS on the listeners with certs, and in perf_analyzer and the readiness check."""
+    mutual) turns on TLS on the listeners with certs, and in perf_analyzer and the readiness check;
+    `audit` (drop or fail_closed) turns the audit log on, in the variant's directory."""
     cfg = yaml.safe_load(base.read_text())
     overrides = dict(overrides)
     model = str(overrides.pop("model", MODEL))
@@ -328,6 +329,9 @@ def start_gateway(stack: contextlib.ExitStack, run_dir: Path, base: Path, routin
         cfg["tls"] = certs.gateway_tls(tls)
     variant_dir = run_dir / name
     variant_dir.mkdir()
+    audit = overrides.pop("audit", None)
+    if audit is not None:
+        cfg["audit"] = {"dir": str(variant_dir / "audit"), "policy": audit}
     source = routing or base.parent / cfg.get("routing_file", "routing.yaml")
     shutil.copy(source, variant_dir / "routing.yaml")
     if (source.parent / "profiles").is_dir():  # drift profiles the routing file names relative to itself

@@ -11,6 +11,7 @@ import base64
 import fcntl
 import hashlib
 import logging
+import math
 import os
 import re
 import time
@@ -43,10 +44,21 @@ def _format(when: datetime) -> str:
     return when.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
+_second: tuple[int, str] = (-1, "")  # the last whole second formatted: records come many to a second
+
+
 def iso_from_unix(t: float) -> str:
     """The one time format of audit records, "YYYY-MM-DDTHH:MM:SS.ffffffZ" in UTC: as strings
-    these order as the times do."""
-    return _format(datetime.fromtimestamp(t, timezone.utc))
+    these order as the times do. The writer calls it per record, so the seconds part is cached."""
+    global _second
+    fraction, seconds = math.modf(t)
+    whole, micros = int(seconds), round(fraction * 1e6)  # as datetime.fromtimestamp rounds
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    cached = _second
+    if cached[0] != whole:
+        cached = _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{cached[1]}.{micros:06d}Z"
 
 
 def iso_now() -> str:

@@ -386,3 +386,35 @@ def test_peak_throughput_drops_no_record(triton, start_gateway, tmp_path):
     assert "dropping records" not in text
     result = verify(directory)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_purge_and_tamper_through_the_cli(triton, start_gateway, tmp_path):
+    """After a clean stop: `audit purge` erases one subject and the log still verifies; one edited
+    byte makes `audit verify` fail naming the file and line."""
+    directory = tmp_path / "audit"
+    key = tmp_path / "audit-signing.pem"
+    subprocess.run([sys.executable, "-m", "gateway", "audit", "keygen", "--out", str(key)], cwd=ROOT, check=True)
+    gw = start_gateway(triton.grpc_url, audit=audit_section(directory, signing_key=str(key)))
+    for n in range(6):
+        subject = "alice" if n % 2 else "bob"
+        assert call(gw, double_request(request_id=f"p{n}"), (("x-subject-id", subject),))[0] == grpc.StatusCode.OK
+    assert gw.stop() == 0
+    assert len(records(directory, subject="alice")) == 3
+    purge = subprocess.run([sys.executable, "-m", "gateway", "audit", "purge", str(directory), "--subject", "alice",
+                            "--reason", "erasure request 42", "--key", str(key), "--operator", "dpo"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert purge.returncode == 0, purge.stdout + purge.stderr
+    assert records(directory, subject="alice") == [] and len(records(directory, subject="bob")) == 3
+    check = subprocess.run([sys.executable, "-m", "gateway", "audit", "verify", str(directory), "--public-key", f"{key}.pub"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    purges = [json.loads(line) for line in (directory / "purges.jsonl").read_text().splitlines()]
+    assert len(purges) == 1 and len(purges[0]["removed"]) == 3 and purges[0]["reason"] == "erasure request 42"
+    assert "alice" not in (directory / "purges.jsonl").read_text()
+    [segment] = sorted((directory / "w0").glob("segment-*.jsonl"))
+    lines = segment.read_bytes().split(b"\n")
+    edited = next(i for i, line in enumerate(lines) if b'"request_id":"p0"' in line)
+    lines[edited] = lines[edited].replace(b'"code":"OK"', b'"code":"NO"')
+    segment.write_bytes(b"\n".join(lines))
+    tampered = verify(directory)
+    assert tampered.returncode == 1 and f"{segment.name}:{edited + 1}:" in tampered.stdout + tampered.stderr

@@ -728,6 +728,13 @@ def _read(path: Path) -> _Document:
     return _Document(path, text)
 
 
+def parse_file(path: str | Path, model: Type[M]) -> tuple[M, "_Document"]:
+    """Any other YAML config file (registry-sync's) read into a Strict model: errors with file:line;
+    the document's `line(loc)` and `file` let the caller report its own checks the same way."""
+    doc = _read(Path(path))
+    return doc.parse(model), doc
+
+
 def load(gateway_path: str | Path) -> Loaded:
     """Read, validate and cross-check gateway.yaml and the routing file it names."""
     gateway_path = Path(gateway_path)

@@ -10,6 +10,7 @@ import time
 from typing import Any, Callable
 
 import grpc
+import orjson
 
 from gateway.backends.streams import StreamPool
 from gateway.config import Backend as BackendConfig
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 _INFER = f"/{SERVICE}/ModelInfer"
 Metadata = tuple[tuple[str, str], ...]  # gRPC metadata sent with one call (the trace context)
+MANIFEST_PARAMETER = "infergate_manifest_"  # + version: a model config parameter registry-sync writes
 
 
 class Replica:
@@ -202,6 +204,19 @@ class TritonBackend:
             self._prober.cancel()
         for replica in self.replicas:
             await replica.close()
+
+
+def registry_manifest(config: Any, version: str) -> dict[str, Any] | None:
+    """The registry manifest (lineage, trained_at, digest) registry-sync wrote into a model's config
+    for one version, as the parameter `infergate_manifest_<version>`; None when there is none."""
+    key = MANIFEST_PARAMETER + version
+    if not version or key not in config.parameters:
+        return None
+    try:
+        doc = orjson.loads(config.parameters[key].string_value)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _translate(e: grpc.aio.AioRpcError) -> BackendError | Unavailable | DeadlineExceeded:

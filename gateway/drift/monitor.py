@@ -24,6 +24,7 @@ import orjson
 
 from gateway.config import Drift, DriftThresholds
 from gateway.drift.profile import Profile, unix_time
+from gateway.backends.triton import registry_manifest
 from gateway.errors import GatewayError
 from gateway.drift.state import Binner, Counts, Window
 from gateway.drift.stats import compare, distribution_distance
@@ -156,8 +157,9 @@ class DriftHub:
                 log.exception("drift tick failed")
 
     async def _training_times(self) -> None:
-        """Versions whose profile has no training time: ask Triton's model config once for a
-        `trained_at` parameter (ISO 8601); a failed ask is tried again next tick."""
+        """Versions whose profile has no training time: ask Triton's model config once for the
+        version's registry manifest (registry-sync writes it) or else a `trained_at` parameter
+        (ISO 8601); a failed ask is tried again next tick."""
         for _, monitor in self._monitors.values():
             if monitor.trained_at is not None or monitor.backend is None:
                 continue
@@ -167,11 +169,14 @@ class DriftHub:
             except GatewayError:
                 continue
             monitor.backend, monitor.trained_at = None, math.nan  # NaN: asked, none declared
-            if "trained_at" in config.parameters:
+            manifest = registry_manifest(config, profile.version) or {}
+            declared = manifest.get("trained_at") or (config.parameters["trained_at"].string_value
+                                                      if "trained_at" in config.parameters else None)
+            if declared:
                 try:
-                    monitor.trained_at = unix_time(config.parameters["trained_at"].string_value)
+                    monitor.trained_at = unix_time(str(declared))
                 except ValueError as e:
-                    log.warning("model %s version %s: trained_at parameter unreadable: %s", profile.model, profile.version, e)
+                    log.warning("model %s version %s: trained_at unreadable: %s", profile.model, profile.version, e)
 
     def tick(self, specs: dict[str, Drift]) -> None:
         """One round: this worker's judged counts out; the leader merges and judges them all."""

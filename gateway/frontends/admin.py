@@ -13,6 +13,7 @@ from typing import Any, Callable
 import orjson
 from aiohttp import web
 
+from gateway.backends.triton import registry_manifest
 from gateway.frontends.http import errors, json_response, principal
 from gateway.observability.metrics import exposition
 from gateway.routing.live import LiveRouting
@@ -38,7 +39,8 @@ def describe(route: Route, state: RouteState | None) -> dict[str, Any]:
         "sticky": spec.sticky.model_dump(exclude_none=True) if spec.sticky else None,
         "pins": [p.model_dump() for p in spec.match],
         "shadows": [{"target": s.target.name, "rate": s.rate} for s in route.shadows],
-        "overrides": {k: v for k, v in (("weights", state.weights_override), ("active", state.active)) if v} if state else {},
+        "overrides": {k: v for k, v in (("weights", state.weights_override), ("active", state.active),
+                                        ("versions", state.versions)) if v} if state else {},
         "rollout": None,
     }
     if spec.rollout is not None:
@@ -74,7 +76,7 @@ def app(is_ready: Callable[[], bool], live: LiveRouting, authenticator: Authenti
         return json_response([describe(r, live.states.get(r.public)) for r in shown])
 
     async def change(request: web.Request) -> web.Response:
-        """POST /admin/routes/{model}/{weights|active|promote|rollback|reset}."""
+        """POST /admin/routes/{model}/{weights|active|promote|rollback|propose|reset}."""
         model, action = request.match_info["model"], request.match_info["action"]
         authorize(principal(request, authenticator), model, "admin")
         route = live.table.routes.get(model)
@@ -91,12 +93,28 @@ def app(is_ready: Callable[[], bool], live: LiveRouting, authenticator: Authenti
             return json_response({"error": f"cannot persist the change to {live.state_file.path}: {e}"}, 503)
         return json_response(describe(live.table.routes[model], live.states.get(model)))
 
+    async def manifests(request: web.Request) -> web.Response:
+        """GET /admin/routes/{model}/manifests: each target's version and the registry manifest
+        (lineage, trained_at) registry-sync put in Triton's model config for it."""
+        model = request.match_info["model"]
+        authorize(principal(request, authenticator), model, "admin")
+        route = live.table.routes.get(model)
+        if route is None:
+            return json_response({"error": f"unknown model {model!r}"}, 404)
+        found = []
+        for target in route.targets.values():
+            config = (await target.backend.cached("ModelConfig", target.model, target.version)).config
+            found.append({"target": target.name, "model": target.model, "version": target.version,
+                          "manifest": registry_manifest(config, target.version)})
+        return json_response(found)
+
     application = web.Application(middlewares=[errors])
     application.router.add_get("/metrics", metrics)
     application.router.add_get("/live", alive)
     application.router.add_get("/ready", ready)
     application.router.add_get("/admin/routes", routes)
     application.router.add_post("/admin/routes/{model}/{action}", change)
+    application.router.add_get("/admin/routes/{model}/manifests", manifests)
     return application
 
 
@@ -130,8 +148,20 @@ def _apply(route: Route, state: RouteState, action: str, body: dict[str, Any]) -
             state.weights_override, state.active = None, None
         else:
             state = RouteState()
+    elif action == "propose":
+        target, version = body.get("target") or (rollout.target if rollout else None), body.get("version")
+        if target not in names:
+            raise _BadRequest(f"'target' must be one of {', '.join(names)}")
+        if not isinstance(version, str) or not version.isdigit():
+            raise _BadRequest("'version' must be a Triton version number, as a string")
+        taken = {(t.backend.name, t.model, t.version) for n, t in route.targets.items() if n != target}
+        if (route.targets[target].backend.name, route.targets[target].model, version) in taken:
+            raise _BadRequest(f"another target of {route.public!r} already serves version {version}")
+        state.versions = {**(state.versions or {}), target: version}
+        if rollout is not None and target == rollout.target:  # the rollout starts over with the new version
+            state.rollout, state.weights_override, state.active = RolloutStatus(), None, None
     elif action == "reset":
         state = RouteState()
     else:
-        raise _BadRequest(f"unknown action {action!r}: weights, active, promote, rollback or reset")
+        raise _BadRequest(f"unknown action {action!r}: weights, active, promote, rollback, propose or reset")
     return state

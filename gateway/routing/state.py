@@ -35,6 +35,7 @@ class RouteState:
     weights_override: dict[str, int] | None = None
     active: str | None = None
     rollout: RolloutStatus | None = None
+    versions: dict[str, str] | None = None   # target -> backend version proposed at runtime (registry-sync)
     spec_hash: str = ""     # the route's file entry this state was made for; another entry drops it
 
     def weights(self, spec: RouteSpec) -> dict[str, int]:
@@ -54,7 +55,7 @@ class RouteState:
         return self.weights_override is not None and set(self.weights_override) <= set(spec.named_targets())
 
     def is_empty(self) -> bool:
-        return self.weights_override is None and self.active is None and self.rollout is None
+        return self.weights_override is None and self.active is None and self.rollout is None and not self.versions
 
 
 def spec_hash(spec: RouteSpec) -> str:
@@ -97,7 +98,7 @@ class StateFile:
             raw = json.loads(self.path.read_text())
             return {name: RouteState(weights_override=s.get("weights_override"), active=s.get("active"),
                                      rollout=RolloutStatus(**s["rollout"]) if s.get("rollout") else None,
-                                     spec_hash=s.get("spec_hash", ""))
+                                     versions=s.get("versions"), spec_hash=s.get("spec_hash", ""))
                     for name, s in raw.items()}
         except FileNotFoundError:
             return {}

@@ -161,11 +161,12 @@ def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
         for name, t in named.items():
             renamed = t.model != public
             model_name = t.model if renamed else ""
+            version = (state.versions or {}).get(name, t.version)  # a version proposed at runtime wins
             targets[name] = Target(
-                name=name, backend=backends[t.backend], model=t.model, version=t.version, weight=weights[name],
+                name=name, backend=backends[t.backend], model=t.model, version=version, weight=weights[name],
                 timeout_s=spec.timeout_s or backends[t.backend].config.request_timeout_s,
                 name_suffix=override(pb.ModelInferRequest, model_name=model_name),
-                default_suffix=override(pb.ModelInferRequest, model_name=model_name, model_version=t.version),
+                default_suffix=override(pb.ModelInferRequest, model_name=model_name, model_version=version),
                 response_suffix=override(pb.ModelInferResponse, model_name=public if renamed else ""),
                 stats=stats.setdefault((public, name), TargetStats()),
                 breaker=kept.breaker(public, name, spec.breaker),

@@ -15,7 +15,7 @@ from gateway.protocol.wire import pb
 from gateway.routing.rollout import RolloutController
 from gateway.routing.shadow import compare
 from gateway.routing.split import Split
-from gateway.routing.state import RouteState, rollout_weights
+from gateway.routing.state import RolloutStatus, RouteState, rollout_weights
 from gateway.routing.table import compile_routes
 
 
@@ -191,6 +191,23 @@ def test_admin_actions():
     with pytest.raises(_BadRequest, match="one of stable, canary"):
         _apply(route, RouteState(), "active", {"target": "nope"})
     assert _apply(route, RouteState(active="canary"), "reset", {}).is_empty()
+
+
+def test_a_proposed_version_restarts_the_rollout_on_it():
+    """registry-sync proposes a newly installed Triton version for the canary target."""
+    route = table(ROLLOUT).resolve("m")
+    done = RouteState(rollout=RolloutStatus(step=2, phase="rolled_back"), weights_override={"stable": 100})
+    state = _apply(route, done, "propose", {"target": "canary", "version": "7"})
+    assert state.versions == {"canary": "7"} and state.rollout.phase == "progressing" and state.rollout.step == 0
+    assert state.weights_override is None
+    proposed = table(ROLLOUT, {"m": state}).resolve("m")
+    assert proposed.targets["canary"].version == "7" and proposed.by_version["7"] is proposed.targets["canary"]
+    assert proposed.targets["canary"].weight == ROLLOUT["m"]["rollout"]["steps"][0]
+    with pytest.raises(_BadRequest, match="Triton version number"):
+        _apply(route, RouteState(), "propose", {"target": "canary", "version": "latest"})
+    stable_version = str(route.targets["stable"].version)
+    with pytest.raises(_BadRequest, match="already serves version"):
+        _apply(route, RouteState(), "propose", {"target": "canary", "version": stable_version})
 
 
 def _answer(values: list[list[float]]) -> pb.ModelInferResponse:

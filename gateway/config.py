@@ -188,6 +188,7 @@ class Audit(Strict):
     policy: Literal["drop", "fail_closed"] = Field(
         default="drop", description="queue full: drop the record (counted), or refuse requests with UNAVAILABLE")
     queue_size: int = Field(default=65536, ge=16)
+    max_queue_bytes: int = Field(default=256 * 2**20, ge=2**20, description="request and answer bytes queued records may hold")
     fsync_interval_s: float = Field(default=1.0, gt=0, le=60)
     max_segment_bytes: int = Field(default=64 * 2**20, ge=4096)
     max_segment_age_s: float = Field(default=3600.0, gt=0)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 
 import grpc
 
-from gateway.audit.trail import Auditor, RefusedEntry
+from gateway.audit.trail import Auditor
 from gateway.backends.triton import Metadata
 from gateway.errors import DeadlineExceeded, GatewayError, PermissionDenied, ResourceExhausted, Unauthenticated
 from gateway.observability.metrics import Metrics
@@ -148,7 +148,11 @@ class DataPlane:
                 target.stats.record(False, self._clock() - start)
             if route.fallback is None or e.code not in _FALLBACK_ON:
                 raise
-            raw, rules = route.fallback.answer(call.request, route.public)
+            try:
+                raw, rules = route.fallback.answer(call.request, route.public)
+            except GatewayError as refusal:  # the rules cannot read this request: that is the answer
+                done.code, done.message = refusal.code.name, refusal.message
+                raise
             done.code, done.target, done.fallback, done.response = "OK", FALLBACK_TARGET, rules, raw
             self.metrics.fallback(done.model, rules, e.code.name)
             return Answer(raw, FALLBACK_TARGET, rules)
@@ -160,11 +164,11 @@ class DataPlane:
             raise
         finally:
             elapsed = self._clock() - start
+            if audit is not None:  # first: an admitted request's record must be queued whatever follows
+                audit.infer(call, done, elapsed)
             self.metrics.observe(done.model, done.target, done.version, call.protocol, done.code, elapsed)
             if in_flight is not None:
                 in_flight.dec()
-            if audit is not None:
-                audit.infer(call, done, elapsed)
         if route.tracks_outcomes:
             target.stats.record(True, self._clock() - start)
         self.metrics.sizes(done.model, call.protocol, len(call.raw), len(response))
@@ -177,11 +181,11 @@ class DataPlane:
         return Answer(response + target.response_suffix, done.target)
 
     def refused(self, trace: Trace, model: str, protocol: str, client: str, error: GatewayError,
-                request_id: str = "") -> None:
-        """A request the frontend could not turn into a Call (malformed, or credentials that do
-        not verify): it is audited too."""
+                headers: Mapping[str, str], request_id: str = "") -> None:
+        """A request the frontend could not turn into a Call (malformed, too large, or credentials
+        that do not verify): it is audited too."""
         if self.audit is not None:
-            self.audit.refused(RefusedEntry(time.time(), trace, model, protocol, client, error, request_id))
+            self.audit.refused(trace, model, protocol, client, error, request_id, headers)
 
     def authorize(self, principal: Principal | None, model: str, action: str) -> None:
         """Apply the access rules in force, counting the decision per principal and model."""

@@ -77,8 +77,9 @@ class AuditLog:
     def __init__(self, directory: Path, stream: str, key: Ed25519PrivateKey, *, capacity: int = 65536,
                  fsync_interval_s: float = 1.0, max_segment_bytes: int = 64 * 2**20,
                  max_segment_age_s: float = 3600.0, retention_s: float | None = None,
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None, max_bytes: int = 256 * 2**20) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.stream = stream
         self.fsync_interval_s = fsync_interval_s
         self.max_segment_bytes = max_segment_bytes
@@ -88,7 +89,9 @@ class AuditLog:
         self._key = key
         self._key_id = key_id(key.public_key())
         self._observer = observer or Observer()
-        self._queue: deque[Entry] = deque()
+        self._queue: deque[tuple[Entry, int]] = deque()   # entries and the bytes they hold on to
+        self._bytes_in = 0        # bytes of entries ever queued (the appending thread's counter) ...
+        self._bytes_out = 0       # ... and of entries taken (the writer's): two owners, no lock
         self._closed = False      # from close() on: append refuses, the writer ends once the deque is drained
         self._abandon = False     # the writer ends now (close timed out)
         self._thread: threading.Thread | None = None
@@ -108,11 +111,22 @@ class AuditLog:
         """Entries queued and not yet taken by the writer."""
         return len(self._queue)
 
-    def append(self, entry: Entry) -> bool:
-        """Queue entry; False, queuing nothing, once closed or while `capacity` entries wait."""
-        if self._closed or len(self._queue) >= self.capacity:
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes the queued entries hold on to (requests and answers), as their appenders said."""
+        return self._bytes_in - self._bytes_out
+
+    def full(self) -> bool:
+        return len(self._queue) >= self.capacity or self.queued_bytes >= self.max_bytes
+
+    def append(self, entry: Entry, size: int = 0, reserved: bool = False) -> bool:
+        """Queue entry (holding size bytes); False, queuing nothing, once closed or while the queue
+        is full (`capacity` entries or `max_bytes`). reserved: the caller made room beforehand
+        (fail_closed admission), so it is queued even past the limits."""
+        if self._closed or (not reserved and self.full()):
             return False
-        self._queue.append(entry)
+        self._bytes_in += size
+        self._queue.append((entry, size))
         return True
 
     def open(self) -> None:
@@ -182,7 +196,7 @@ class AuditLog:
         if self._pending:
             wrote = now >= self._retry_at and self._flush()
         elif self._queue:
-            bodies = [self._render(self._queue.popleft()) for _ in range(min(len(self._queue), BATCH))]
+            bodies = [self._render(self._take()) for _ in range(min(len(self._queue), BATCH))]
             if now >= self._retry_at and (segment.size >= self.max_segment_bytes
                                           or now - segment.opened_at >= self.max_segment_age_s):
                 self._rotate()
@@ -194,6 +208,11 @@ class AuditLog:
         if self.retention_s is not None and now >= self._next_retention and not self._pending:
             self._retain()
         return wrote
+
+    def _take(self) -> Entry:
+        entry, size = self._queue.popleft()
+        self._bytes_out += size
+        return entry
 
     def _render(self, entry: Entry) -> bytes:
         """The entry's body; a "render_error" record in its place when it does not render."""
@@ -229,6 +248,7 @@ class AuditLog:
             self._failing = True
             self._retry_at = time.monotonic() + RETRY_S
             self._observer.failed("write")
+            self._observer.written(0, len(self._queue))  # the depth gauge keeps moving while writes fail
             return False
         if self._failing:
             log.warning("audit stream %s: writing again", self.stream)
@@ -353,6 +373,10 @@ class AuditLog:
         if not paths:
             return None, []
         newest = paths[-1]
+        sealed = _final_seal(newest)
+        if sealed is not None:  # closed cleanly: nothing of it is touched, whatever follows its seal
+            self._seq, self._prev = sealed["last_seq"] + 1, sealed["head"]
+            return newest.name, []
         torn = _cut_torn_tail(newest)
         crashed = bool(torn)
         if newest.stat().st_size == 0:
@@ -403,6 +427,18 @@ class AuditLog:
                         "its %d records", self.stream, path.name, len(records))
             self._observer.sealed(True)
         return final
+
+
+def _final_seal(path: Path) -> dict[str, Any] | None:
+    """path's seal when it is a readable final one (verify checks its signature and the records)."""
+    try:
+        seal = read_seal(path)
+    except ValueError:
+        return None
+    if seal is None or seal.get("final") is not True or not isinstance(seal.get("last_seq"), int) \
+            or not isinstance(seal.get("head"), str):
+        return None
+    return seal
 
 
 def _cut_torn_tail(path: Path) -> bytes:

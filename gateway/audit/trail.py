@@ -9,7 +9,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
@@ -57,8 +57,6 @@ class InferEntry:
         call, out = self.call, self.outcome
         request = call.request
         response = pb.ModelInferResponse.FromString(out.response) if out.response else None
-        subject = self.subject or (parameter_text(request, self.rendering.subject_parameter)
-                                   if self.rendering.subject_parameter else "")
         record = _trace_fields(call.trace) | {
             "type": "infer",
             "time": iso_from_unix(self.wall),
@@ -80,7 +78,7 @@ class InferEntry:
             "inputs": _input_digests(request) if request is not None else {},
             "outputs": _output_digests(response) if response is not None else {},
             "config_version": out.config_version,
-            "subject": subject or None,
+            "subject": _subject(self.subject, request, self.rendering),
         }
         if self.capture and request is not None:
             record["payload"] = _payload(request, response, self.rendering)
@@ -102,11 +100,14 @@ class ShadowEntry:
     latency_s: float
     response: bytes | None
     agree: bool | None
+    subject: str
+    rendering: Rendering
 
     def render(self) -> dict[str, Any]:
         response = pb.ModelInferResponse.FromString(self.response) if self.response else None
         return _trace_fields(self.trace) | {
             "type": "shadow",
+            "subject": _subject(self.subject, self.call.request, self.rendering),
             "time": iso_from_unix(self.wall),
             "request_id": self.call.request_id or None,
             "principal": self.call.principal.name if self.call.principal is not None else None,
@@ -133,10 +134,12 @@ class RefusedEntry:
     client: str
     error: GatewayError
     request_id: str
+    subject: str
 
     def render(self) -> dict[str, Any]:
         return _trace_fields(self.trace) | {
             "type": "infer",
+            "subject": self.subject or None,
             "time": iso_from_unix(self.wall),
             "request_id": self.request_id or None,
             "model": self.model,
@@ -160,7 +163,7 @@ class Auditor:
         self.log = AuditLog(directory, stream, key, capacity=spec.queue_size, fsync_interval_s=spec.fsync_interval_s,
                             max_segment_bytes=spec.max_segment_bytes, max_segment_age_s=spec.max_segment_age_s,
                             retention_s=spec.retention_days * 86400.0 if spec.retention_days else None,
-                            observer=_MetricsObserver(metrics))
+                            observer=_MetricsObserver(metrics), max_bytes=spec.max_queue_bytes)
         self.metrics = metrics
         self.fail_closed = spec.policy == "fail_closed"
         self.subject_header = spec.subject.header.lower() if spec.subject.header else None
@@ -178,9 +181,10 @@ class Auditor:
         self.log.close(timeout_s)
 
     def admit(self) -> None:
-        """fail_closed: refuse with UNAVAILABLE while the queue has no room for this request's record."""
+        """fail_closed: refuse with UNAVAILABLE while the queue has no room for this request's
+        record, else hold a place for it (so at most queue_size requests are in flight)."""
         if self.fail_closed:
-            if self.log.depth + self._reserved >= self.log.capacity:
+            if self.log.depth + self._reserved >= self.log.capacity or self.log.queued_bytes >= self.log.max_bytes:
                 self.metrics.audit_refused()
                 raise Unavailable("the audit log is not keeping up; request refused (audit policy fail_closed)")
             self._reserved += 1
@@ -188,26 +192,41 @@ class Auditor:
     def infer(self, call: "Call", outcome: "Outcome", latency_s: float) -> None:
         """Queue the record of one request (after admit; exactly once per admitted request)."""
         rendering = self.rendering
-        subject = (call.headers.get(self.subject_header) or "") if self.subject_header else ""
         capture = rendering.capture_rate > 0.0 and random.random() < rendering.capture_rate
+        entry = InferEntry(time.time(), call, outcome, latency_s, self.subject(call.headers), capture, rendering)
+        size = len(call.raw) + len(outcome.response)
         if self.fail_closed:
             self._reserved -= 1
-        self._append(InferEntry(time.time(), call, outcome, latency_s, subject, capture, rendering))
+            self.log.append(entry, size, reserved=True)  # its place was held at admit
+        else:
+            self._append(entry, size)
 
-    def shadow(self, entry: ShadowEntry) -> None:
-        self._append(entry)
+    def shadow(self, call: "Call", trace: Trace, model: str, target: str, version: str, code: str, message: str,
+               latency_s: float, response: bytes | None, agree: bool | None) -> None:
+        """Queue the record of one shadow call made for call."""
+        self._append(ShadowEntry(time.time(), call, trace, model, target, version, code, message, latency_s, response,
+                                 agree, self.subject(call.headers), self.rendering),
+                     len(call.raw) + len(response or b""))
 
-    def refused(self, entry: RefusedEntry) -> None:
-        self._append(entry)
+    def refused(self, trace: Trace, model: str, protocol: str, client: str, error: GatewayError, request_id: str,
+                headers: Mapping[str, str]) -> None:
+        """Queue the record of a request refused before it could be read."""
+        self._append(RefusedEntry(time.time(), trace, model, protocol, client, error, request_id, self.subject(headers)), 0)
 
-    def _append(self, entry: Any) -> None:
-        if self.log.append(entry):
+    def subject(self, headers: Mapping[str, str]) -> str:
+        return (headers.get(self.subject_header) or "") if self.subject_header else ""
+
+    def _append(self, entry: Any, size: int) -> None:
+        """Queue an entry no place was held for: under fail_closed it may not take the places
+        admitted requests hold."""
+        if not (self.fail_closed and self.log.depth + self._reserved >= self.log.capacity) and self.log.append(entry, size):
             return
         self.metrics.audit_dropped()
         now = time.monotonic()
         if now - self._warned >= _WARN_EVERY_S:
             self._warned = now
-            log.warning("audit queue full (%d records): dropping records (policy %s)", self.log.capacity, self.spec.policy)
+            log.warning("audit queue full (%d records or %d bytes): dropping records (policy %s)",
+                        self.log.capacity, self.log.max_bytes, self.spec.policy)
 
 
 class _MetricsObserver(Observer):
@@ -227,6 +246,13 @@ class _MetricsObserver(Observer):
 
     def sealed(self, final: bool) -> None:
         self.metrics.audit_sealed(final)
+
+
+def _subject(header_value: str, request: pb.ModelInferRequest, rendering: Rendering) -> str | None:
+    """The data subject: the header's value, else the request parameter's."""
+    if header_value:
+        return header_value
+    return (parameter_text(request, rendering.subject_parameter) if rendering.subject_parameter else "") or None
 
 
 def _trace_fields(trace: Trace) -> dict[str, Any]:
@@ -274,8 +300,12 @@ def _tensor(name: str, datatype: str, shape: list[int], raw: bytes | None, conte
     elif size > rendering.capture_max_bytes:
         doc["data"], doc["truncated"] = None, True
     elif raw is not None:
-        data = raw_to_json(datatype, raw) if datatype != "BF16" else None
-        doc["data"] = data.tolist() if isinstance(data, np.ndarray) else data
+        try:  # a request refused for its malformed tensor bytes is still recorded, without them
+            data = raw_to_json(datatype, raw)
+        except (ValueError, GatewayError):
+            doc["data"], doc["undecodable"] = None, True
+        else:
+            doc["data"] = data.tolist() if isinstance(data, np.ndarray) else data
     else:
         field = CONTENTS.get(datatype)
         doc["data"] = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v

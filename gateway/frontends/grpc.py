@@ -69,6 +69,11 @@ class GrpcFrontend:
             answer = await self.dataplane.infer(self._call(raw, context, headers, trace))
         except GatewayError as e:
             await _abort(context, e, (span,))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            log.exception("unexpected error in ModelInfer")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal gateway error", (span,))
         trailers = [(TARGET_HEADER, answer.target), span]
         if answer.fallback:
             trailers.append((FALLBACK_HEADER, answer.fallback))
@@ -164,7 +169,7 @@ class GrpcFrontend:
         except (DecodeError, GatewayError) as e:
             error = e if isinstance(e, GatewayError) else InvalidArgument(f"malformed ModelInferRequest: {e}")
             self.dataplane.refused(trace, request.model_name if request else "", "grpc", _client(context.peer()), error,
-                                   request.id if request else "")
+                                   headers, request.id if request else "")  # type: ignore[arg-type]
             raise error from None
         return Call(request.model_name, request.model_version, request.id, raw, "grpc", _client(context.peer()),
                     headers, request, trace, context.time_remaining(), principal)  # type: ignore[arg-type]
@@ -192,6 +197,11 @@ class _Metadata:
         if self._values is None:
             self._values = {k: v for k, v in (self._context.invocation_metadata() or ()) if isinstance(v, str)}
         return self._values.get(key, default)
+
+    def getall(self, key: str, default: Any = None) -> Any:
+        """Every value sent under key, in order (tracestate may come in several entries)."""
+        values = [v for k, v in (self._context.invocation_metadata() or ()) if k == key and isinstance(v, str)]
+        return values or default
 
 
 def _client(peer: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Awaitable, Callable
 
+import grpc
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -113,8 +114,12 @@ class HttpFrontend:
             answer = await self.dataplane.infer(call)
         except GatewayError as e:
             if call is None:
-                self.dataplane.refused(trace, model, "http", request.remote or "", e)
+                self.dataplane.refused(trace, model, "http", request.remote or "", e, request.headers)
             return error_response(e, span)
+        except web.HTTPRequestEntityTooLarge as e:  # over max_message_bytes: gRPC's RESOURCE_EXHAUSTED
+            self.dataplane.refused(trace, model, "http", request.remote or "",
+                                   GatewayError(e.text or e.reason, grpc.StatusCode.RESOURCE_EXHAUSTED), request.headers)
+            return json_response({"error": e.text or e.reason}, e.status, span)
         out, header_length = http_codec.encode_response(pb.ModelInferResponse.FromString(answer.raw), plan)
         headers = {TARGET_HEADER: answer.target, **span}
         if answer.fallback:

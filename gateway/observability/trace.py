@@ -24,7 +24,7 @@ class Trace:
     trace_id: str
     span_id: str
     parent_id: str   # "" when the gateway started the trace
-    flags: str       # two hex digits; 01 = sampled by the caller
+    flags: str       # two hex digits: 01 = sampled by the caller (other bits are reserved: passed on as 0)
     state: str = ""  # the caller's tracestate, passed on unchanged
 
     @classmethod
@@ -34,7 +34,7 @@ class Trace:
         if parent:
             parsed = _parse(parent)
             if parsed is not None:
-                state = headers.get(TRACESTATE) or ""
+                state = _state(headers)
                 return cls(parsed[0], _span_id(), parsed[1], parsed[2], state if len(state) <= _MAX_STATE else "")
         return cls(f"{random.getrandbits(128) or 1:032x}", _span_id(), "", "00")
 
@@ -51,6 +51,13 @@ class Trace:
         if self.state:
             return (TRACEPARENT, self.traceparent()), (TRACESTATE, self.state)
         return ((TRACEPARENT, self.traceparent()),)
+
+
+def _state(headers: Mapping[str, str]) -> str:
+    """tracestate, its list members joined when they came in several header fields."""
+    getall = getattr(headers, "getall", None)
+    values = getall(TRACESTATE, None) if getall is not None else None
+    return ",".join(values) if values else headers.get(TRACESTATE) or ""
 
 
 def _span_id() -> str:
@@ -70,7 +77,7 @@ def _parse(value: str) -> tuple[str, str, str] | None:
         return None
     if not _HEX.issuperset(version + trace_id + parent_id + flags) or trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
         return None
-    return trace_id, parent_id, flags
+    return trace_id, parent_id, f"{int(flags, 16) & 0x01:02x}"  # only "sampled" is defined: other bits go out 0
 
 
 class TraceLogFilter(logging.Filter):

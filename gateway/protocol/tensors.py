@@ -144,6 +144,8 @@ def raw_to_json(datatype: str, raw: bytes) -> Any:
     """Raw output bytes as a flat array or list that orjson serialises directly."""
     if datatype == "BYTES":
         return [b.decode("utf-8", "replace") for b in split_bytes(raw)]
+    if datatype == "BF16":  # the upper half of a float32: widen it
+        return (np.frombuffer(raw, "<u2").astype("<u4") << 16).view("<f4")
     dtype = DTYPES.get(datatype)
     if dtype is None:
         raise InvalidArgument(f"datatype '{datatype}' cannot be returned as JSON data")

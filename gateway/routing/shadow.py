@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gateway.audit.trail import Auditor, ShadowEntry
+from gateway.audit.trail import Auditor
 from gateway.config import Compare
 from gateway.errors import GatewayError
 from gateway.observability.metrics import Metrics
-from gateway.observability.trace import Trace, current as current_trace
+from gateway.observability.trace import current as current_trace
 from gateway.protocol.tensors import DTYPES
 from gateway.protocol.wire import pb
 
@@ -98,31 +98,32 @@ class ShadowDispatcher:
                 log.exception("shadow call failed unexpectedly")
 
     async def _run(self, route: Route, shadow: ShadowTarget, call: Call, primary: bytes) -> None:
-        """One shadow call, in a span of its own under the request's; audited when the log is on."""
+        """One shadow call, in a span of its own under the request's; audited (when the log is on)
+        whatever happens to it."""
         target = shadow.target
         span = call.trace.child()
         current_trace.set(span)
         start = time.perf_counter()
+        code, message, answer, agree = "INTERNAL", "shadow comparison failed", None, None
         try:
             answer = await target.backend.infer(call.raw + target.default_suffix, target.timeout_s, call.request_id,
                                                 span.headers())
+            result = compare(pb.ModelInferResponse.FromString(primary), pb.ModelInferResponse.FromString(answer),
+                             shadow.compare)
+            code, message, agree = "OK", "", result.agree
         except GatewayError as e:
+            code, message = e.code.name, e.message
             self.metrics.shadow(route.public, target.name, "error")
             log.debug("shadow %s/%s failed: %s", route.public, target.name, e.message)
-            self._audit(call, span, route, target, e.code.name, e.message, start, None, None)
             return
-        result = compare(pb.ModelInferResponse.FromString(primary), pb.ModelInferResponse.FromString(answer), shadow.compare)
+        finally:
+            if self.audit is not None:
+                self.audit.shadow(call, span, route.public, target.name, target.version, code, message,
+                                  time.perf_counter() - start, answer, agree)
         self.metrics.shadow(route.public, target.name, "agree" if result.agree else "disagree", result.max_abs_diff)
-        self._audit(call, span, route, target, "OK", "", start, answer, result.agree)
         if not result.agree and self._may_log():
             log.warning("shadow disagreement: model=%s shadow=%s request_id=%s max_abs_diff=%g argmax_agree=%s",
                         route.public, target.name, call.request_id or "-", result.max_abs_diff, result.argmax_agree)
-
-    def _audit(self, call: Call, span: Trace, route: Route, target: Target, code: str, message: str, start: float,
-               answer: bytes | None, agree: bool | None) -> None:
-        if self.audit is not None:
-            self.audit.shadow(ShadowEntry(time.time(), call, span, route.public, target.name, target.version, code, message,
-                                          time.perf_counter() - start, answer, agree))
 
     def _may_log(self) -> bool:
         now = time.monotonic()

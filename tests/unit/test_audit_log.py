@@ -342,3 +342,22 @@ def test_a_fresh_stream_starts_at_seq_zero(tmp_path):
     (first, second), = records(tmp_path / "w1")
     assert (first.seq, first.prev, second.seq) == (0, ZERO_HASH, 1)
     assert orjson.loads((tmp_path / "w1" / "segment-000000000000.seal").read_bytes())["stream"] == "w1"
+
+
+def test_reopening_after_a_clean_close_touches_nothing_of_an_edited_final_segment(tmp_path):
+    """An edit made while the gateway was stopped stays for verify to report as an edit: recovery
+    neither cuts the line nor reseals, and the chain goes on from the seal's head."""
+    key = Ed25519PrivateKey.generate()
+    write_log(tmp_path, key, [[item(i) for i in range(3)]])
+    [segment] = segment_paths(tmp_path / "w0")
+    seal = read_seal(segment)
+    data = segment.read_bytes()
+    edited = data.replace(b'"trace_id":"t2"', b'"trace_id":"t7"')  # the last record's body, still JSON
+    assert edited != data
+    segment.write_bytes(edited)
+    write_log(tmp_path, key, [[item(9)]])
+    assert segment.read_bytes() == edited and read_seal(segment) == seal
+    second = records(tmp_path / "w0")[1]
+    assert second[0].seq == seal["last_seq"] + 1 and second[0].prev == seal["head"]
+    report = verify(tmp_path, keys_of(key))
+    assert not report.ok and f"{segment.name}:4:" in report.problems[0]

@@ -119,3 +119,11 @@ def test_parameters_beyond_int64():
 def test_json_elements_must_match_the_datatype(datatype, data, element):
     with pytest.raises(InvalidArgument, match=element):
         json_to_raw(datatype, data, "x")
+
+
+def test_bf16_outputs_read_as_float32():
+    from gateway.protocol.tensors import raw_to_json
+
+    values = np.array([1.5, -2.0, 0.15625], np.float32)
+    bf16 = (values.view("<u4") >> 16).astype("<u2").tobytes()
+    assert raw_to_json("BF16", bf16).tolist() == [1.5, -2.0, 0.15625]

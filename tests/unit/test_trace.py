@@ -57,3 +57,18 @@ def test_log_records_carry_the_current_trace_id() -> None:
         assert record.trace_id == TRACE_ID  # type: ignore[attr-defined]
     finally:
         current.reset(token)
+
+
+def test_reserved_flag_bits_go_out_as_zero() -> None:
+    trace = Trace.from_headers({"traceparent": f"00-{TRACE_ID}-{PARENT}-ff"})
+    assert trace.flags == "01" and trace.traceparent().endswith("-01")
+    assert Trace.from_headers({"traceparent": f"00-{TRACE_ID}-{PARENT}-fe"}).flags == "00"
+
+
+def test_tracestate_in_several_fields_is_joined() -> None:
+    class Multi(dict):
+        def getall(self, key, default=None):
+            return ["a=1", "b=2"] if key == "tracestate" else default
+
+    trace = Trace.from_headers(Multi({"traceparent": f"00-{TRACE_ID}-{PARENT}-01", "tracestate": "a=1"}))
+    assert trace.state == "a=1,b=2"

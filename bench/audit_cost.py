@@ -49,7 +49,7 @@ def request(elements: int) -> tuple[Call, Outcome]:
 
 def request_path_us(directory: Path, call: Call, outcome: Outcome) -> float:
     """µs per Auditor.infer, best of 7 runs of 20000, the queue drained between runs."""
-    auditor = Auditor(Audit(dir=str(directory / "path"), queue_size=10**6), directory, "w0", METRICS)
+    auditor = Auditor(Audit(dir=str(directory / "path"), queue_size=10**6, max_queue_bytes=2**62), directory, "w0", METRICS)
     runs = []
     for _ in range(7):
         runs.append(timeit.timeit(lambda: auditor.infer(call, outcome, 0.001), number=20000) / 20000 * 1e6)
@@ -60,7 +60,7 @@ def request_path_us(directory: Path, call: Call, outcome: Outcome) -> float:
 def writer_us(directory: Path, call: Call, outcome: Outcome, fsync_interval_s: float) -> float:
     """CPU µs per record the writer thread spends (render, chain, write, fsync, checkpoints): the
     process's CPU time while it drains a full queue, the main thread asleep."""
-    auditor = Auditor(Audit(dir=str(directory / f"writer-{fsync_interval_s}"), queue_size=WRITER_RECORDS,
+    auditor = Auditor(Audit(dir=str(directory / f"writer-{fsync_interval_s}"), queue_size=WRITER_RECORDS, max_queue_bytes=2**62,
                             fsync_interval_s=fsync_interval_s), directory, "w0", METRICS)
     for _ in range(WRITER_RECORDS):
         auditor.infer(call, outcome, 0.001)

@@ -1,0 +1,1 @@
+"""Registry: signed, immutable model versions, their promotions, and the sync that installs them into Triton."""

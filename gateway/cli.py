@@ -1,5 +1,5 @@
-"""`infergate serve | check-config | routes | audit verify|query|purge|keygen | drift profile`: argument
-parsing only; the work lives in the rooms."""
+"""`infergate serve | check-config | routes | registry publish|promote|keygen|sync|rollback |
+audit verify|query|purge|keygen | drift profile`: argument parsing only; the work lives in the rooms."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     routes.add_argument("--json", action="store_true", help="print the admin API's JSON instead of a table")
     routes.add_argument("--token", default=os.environ.get("INFERGATE_TOKEN"),
                         help="bearer token for the admin API (default: $INFERGATE_TOKEN)")
+    registry = sub.add_parser("registry", help="signed model versions: publish, promote, keygen, sync, rollback")
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["registry"]:  # model-signing takes half a second to import: only for this command
+        from gateway.registry.publish import add_registry_arguments
+        from gateway.registry.sync import add_sync_arguments
+
+        registry_commands = registry.add_subparsers(dest="registry_command", required=True)
+        add_registry_arguments(registry_commands)
+        add_sync_arguments(registry_commands)
     audit = sub.add_parser("audit", help="audit log tools").add_subparsers(dest="audit_command", required=True)
     from gateway.audit.tools import add_audit_arguments, audit_command
 
@@ -43,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         return profile_command(args)
     if args.command == "audit":
         return audit_command(args)
+    if args.command == "registry":
+        from gateway.registry.publish import registry_command
+        from gateway.registry.sync import sync_command
+
+        return sync_command(args) if args.registry_command in ("sync", "rollback") else registry_command(args)
     if args.command == "routes":
         from gateway.routing.report import print_routes
 

@@ -102,13 +102,15 @@ class OwnTriton(Triton):
 
 @pytest.fixture
 def spawn_triton() -> Iterator[Callable[..., OwnTriton]]:
-    """Start Tritons of a test's own, on free ports, with extra tritonserver flags; all are
-    stopped at teardown."""
+    """Start Tritons of a test's own, on free ports, with extra tritonserver flags and optionally
+    a model repository of their own (models); all are stopped at teardown."""
     started: list[OwnTriton] = []
 
-    def spawn(*args: str) -> OwnTriton:
+    def spawn(*args: str, models: Path | None = None) -> OwnTriton:
         ports = free_port(), free_port(), free_port()
         env = dict(os.environ, TRITON_HTTP_PORT=str(ports[0]), TRITON_GRPC_PORT=str(ports[1]), TRITON_METRICS_PORT=str(ports[2]))
+        if models is not None:
+            env["TRITON_MODELS"] = str(models)
         t = OwnTriton(*ports, env=env, args=args)
         t.start()
         started.append(t)

@@ -210,6 +210,11 @@ def test_the_daemon_hands_a_new_version_to_the_gateway_canary_counts_and_audits(
     routes = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/admin/routes").read())
     targets = {t["name"]: t["version"] for r in routes if r["model"] == env.model for t in r["targets"]}
     assert targets == {"stable": "1", "canary": "2"}
+    # the manifests reach the gateway through Triton's model config: lineage per target version
+    manifests = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/admin/routes/{env.model}/manifests").read())
+    by_target = {m["target"]: m["manifest"] for m in manifests}
+    assert by_target["canary"]["digest"] == second and by_target["canary"]["training_commit"] == "c2"
+    assert by_target["canary"]["trained_at"] == "2026-01-02T00:00:00Z" and by_target["stable"]["digest"] == first
 
     records = list(query(env.root / "audit", type="registry", model=env.model))
     assert [r["action"] for r in records] == ["fetched", "verified", "installed", "loaded", "proposed"]

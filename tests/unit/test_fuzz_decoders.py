@@ -188,7 +188,7 @@ def mutate(draw: st.DrawFn, doc: dict[str, Any], blobs: list[bytes]) -> None:
     tensor = _input(draw, doc)
     if kind == "node" and (spot := _anywhere(draw, doc)) is not None:
         spot[0][spot[1]] = draw(JSON | HOSTILE_NUMBERS)
-    elif kind == "dim" and tensor and tensor.get("shape"):
+    elif kind == "dim" and tensor and isinstance(tensor.get("shape"), list) and tensor["shape"]:
         tensor["shape"][draw(st.integers(0, len(tensor["shape"]) - 1))] = draw(HOSTILE_NUMBERS | st.integers(-3, 5))
     elif kind == "shape" and tensor:
         tensor["shape"] = draw(st.lists(st.integers(-2, 4), max_size=5) | st.lists(st.just(1), min_size=60, max_size=70) | JSON)

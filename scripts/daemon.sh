@@ -1,4 +1,4 @@
-# Sourced by triton-cpu.sh and prometheus.sh: one background server with a pidfile and a log.
+# Sourced by triton-cpu.sh, prometheus.sh, redis.sh and postgres.sh: one background server with a pidfile and a log.
 # The sourcing script sets $name (for messages), $pidfile and $logfile, and defines ready().
 
 alive() { [ -r "/proc/$1/stat" ] && [ "$(awk '{print $3}' "/proc/$1/stat")" != Z ]; }
@@ -37,5 +37,30 @@ status() {
     echo "$name: ready (pid $(cat "$pidfile"))"
   else
     echo "$name: not running"; return 1
+  fi
+}
+
+# apt_install PACKAGE...: Debian packages whose services must not start on their own (they would
+# take our ports and data dirs): invoke-rc.d and deb-systemd-invoke obey policy-rc.d, so one is put
+# in place for the install when none exists, and a unit the package enabled is switched off.
+apt_install() {
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || { echo "$name: install needs root (or sudo)" >&2; return 1; }
+    sudo="sudo"
+  fi
+  local policy=/usr/sbin/policy-rc.d ours="" rc=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# infergate scripts: no service starts during this install\nexit 101\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod 755 "$policy"; ours=1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  # A fresh machine may have no package lists (or stale ones): update once and try again.
+  $sudo apt-get install -y --no-install-recommends "$@" \
+    || { $sudo apt-get update && $sudo apt-get install -y --no-install-recommends "$@"; } || rc=$?
+  if [ -n "$ours" ]; then $sudo rm -f "$policy"; fi
+  [ "$rc" = 0 ] || return "$rc"
+  if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    for unit in "$@"; do $sudo systemctl disable --now "$unit" >/dev/null 2>&1 || true; done
   fi
 }

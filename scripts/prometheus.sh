@@ -42,30 +42,7 @@ install() {
   if [ -n "$(prometheus_bin)" ] && [ -n "$(promtool_bin)" ]; then
     echo "prometheus: already installed ($("$(prometheus_bin)" --version 2>&1 | head -n1))"; return 0
   fi
-  local sudo=""
-  if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null || { echo "prometheus: install needs root (or sudo)" >&2; return 1; }
-    sudo="sudo"
-  fi
-  # Keep the package's service from starting (it would take :9090 and its own data dir): invoke-rc.d
-  # and deb-systemd-invoke obey policy-rc.d. Docker images ship one already; otherwise ours, for the
-  # install only.
-  local policy=/usr/sbin/policy-rc.d ours=""
-  if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\n# scripts/prometheus.sh: no service starts during this install\nexit 101\n' | $sudo tee "$policy" >/dev/null
-    $sudo chmod 755 "$policy"; ours=1
-  fi
-  local rc=0
-  export DEBIAN_FRONTEND=noninteractive
-  # A fresh machine may have no package lists (or stale ones): update once and try again.
-  $sudo apt-get install -y --no-install-recommends prometheus \
-    || { $sudo apt-get update && $sudo apt-get install -y --no-install-recommends prometheus; } || rc=$?
-  if [ -n "$ours" ]; then $sudo rm -f "$policy"; fi
-  [ "$rc" = 0 ] || return "$rc"
-  # Where systemd runs, the unit is enabled for boot by the package: not ours, switch it off.
-  if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
-    $sudo systemctl disable --now prometheus >/dev/null 2>&1 || true
-  fi
+  apt_install prometheus
   echo "prometheus: installed ($("$(prometheus_bin)" --version 2>&1 | head -n1))"
 }
 

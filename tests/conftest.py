@@ -209,3 +209,36 @@ def module_launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launch
     launcher = Launcher(tmp_path_factory.mktemp("gateways"))
     yield launcher
     launcher.close()
+
+
+REDIS_SCRIPT = ROOT / "scripts" / "redis.sh"
+
+
+@dataclass
+class Redis:
+    """A real Redis server (scripts/redis.sh) a test may stop and start again on the same port."""
+
+    port: int
+    env: dict
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        subprocess.run([str(REDIS_SCRIPT), "start"], env=self.env, check=True, timeout=300)
+
+    def stop(self) -> None:
+        subprocess.run([str(REDIS_SCRIPT), "stop"], env=self.env, check=False, timeout=60)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Redis]:
+    """A Redis of the test's own on a free port (installed from Debian's package if missing)."""
+    port = free_port()
+    server = Redis(port, dict(os.environ, REDIS_PORT=str(port), REDIS_HOME=str(tmp_path / "redis")))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import orjson
 
 from gateway.config import Drift, DriftThresholds
@@ -28,7 +27,7 @@ from gateway.backends.triton import registry_manifest
 from gateway.errors import GatewayError
 from gateway.drift.state import Binner, Counts, Window
 from gateway.drift.stats import compare, distribution_distance
-from gateway.protocol.tensors import DTYPES
+from gateway.protocol.tensors import views
 from gateway.protocol.wire import pb
 
 log = logging.getLogger(__name__)
@@ -64,28 +63,14 @@ class TargetMonitor:
             outputs = None
             if self.outputs:
                 answer = pb.ModelInferResponse.FromString(response)
-                outputs = _tensors(answer.outputs, answer.raw_output_contents, self.outputs)
-            self.window.record(_tensors(request.inputs, request.raw_input_contents, self.inputs), outputs)
+                outputs = views(answer.outputs, answer.raw_output_contents, self.outputs)
+            self.window.record(views(request.inputs, request.raw_input_contents, self.inputs), outputs)
         except Exception as e:  # noqa: BLE001 - monitoring must never fail an answer already made
             if not self.skipped:
                 log.warning("drift %s: a request does not fit the profile and is not counted: %s", self.key, e)
             self.skipped += 1
             return
         self.recent.append(trace_id)
-
-
-def _tensors(specs: Any, raw: Any, wanted: frozenset[str]) -> dict[str, np.ndarray]:
-    """name -> array view of each wanted raw tensor numpy can read (check_layout has matched raw
-    entries to shapes). Tensors sent as typed `contents` instead of raw bytes are not binned."""
-    out: dict[str, np.ndarray] = {}
-    if not raw:
-        return out
-    for i, spec in enumerate(specs[:]):  # upb containers: a slice is a quick list, iterating one is slow
-        name = spec.name
-        dtype = DTYPES.get(spec.datatype) if name in wanted else None
-        if dtype is not None:
-            out[name] = np.frombuffer(raw[i], dtype).reshape(spec.shape[:])
-    return out
 
 
 class RouteDrift:

@@ -153,6 +153,20 @@ def raw_to_json(datatype: str, raw: bytes) -> Any:
     return array.tolist() if datatype == "FP16" else array  # orjson has no float16
 
 
+def views(specs: Any, raw: Any, wanted: Collection[str]) -> dict[str, np.ndarray]:
+    """name -> zero-copy array view of each wanted raw tensor numpy can read (check_layout has
+    matched raw entries to shapes). Tensors sent as typed `contents` instead of raw bytes are skipped."""
+    out: dict[str, np.ndarray] = {}
+    if not raw:
+        return out
+    for i, spec in enumerate(specs[:]):  # upb containers: a slice is a quick list, iterating one is slow
+        name = spec.name
+        dtype = DTYPES.get(spec.datatype) if name in wanted else None
+        if dtype is not None:
+            out[name] = np.frombuffer(raw[i], dtype).reshape(spec.shape[:])
+    return out
+
+
 def split_bytes(raw: bytes) -> list[bytes]:
     """The elements of a BYTES tensor: each a 4-byte little-endian length, then the bytes."""
     view = memoryview(raw)

@@ -176,7 +176,8 @@ def _anywhere(draw: st.DrawFn, node: Any) -> tuple[Any, Any] | None:
 
 def _input(draw: st.DrawFn, doc: dict[str, Any]) -> dict[str, Any] | None:
     inputs = doc.get("inputs")
-    return draw(st.sampled_from(inputs)) if isinstance(inputs, list) and inputs and isinstance(inputs[0], dict) else None
+    tensors = [t for t in inputs if isinstance(t, dict)] if isinstance(inputs, list) else []
+    return draw(st.sampled_from(tensors)) if tensors else None
 
 
 def mutate(draw: st.DrawFn, doc: dict[str, Any], blobs: list[bytes]) -> None:

@@ -1,5 +1,5 @@
 """`infergate serve | check-config | routes | registry publish|promote|keygen|sync|rollback |
-audit verify|query|purge|keygen | drift profile`: argument parsing only; the work lives in the rooms."""
+audit verify|query|purge|keygen | drift profile | report segments`: argument parsing only; the work lives in the rooms."""
 from __future__ import annotations
 
 import argparse
@@ -46,8 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.drift.profile import add_profile_arguments, profile_command
 
     add_profile_arguments(profile)
+    report = sub.add_parser("report", help="reports over joined outcomes").add_subparsers(dest="report_command", required=True)
+    from gateway.outcomes.tools import add_report_arguments, report_command
+
+    add_report_arguments(report)
     args = parser.parse_args(argv)
 
+    if args.command == "report":
+        return report_command(args)
     if args.command == "drift":
         return profile_command(args)
     if args.command == "audit":

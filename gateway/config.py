@@ -198,11 +198,29 @@ class Audit(Strict):
     capture: Capture = Capture()
 
 
+class OutcomeStore(Strict):
+    """Where predictions wait for their outcomes: an embedded SQLite file (one replica, its workers
+    sharing it) or PostgreSQL (several replicas sharing one truth)."""
+
+    url: str = Field(default="sqlite:///outcomes.db",
+                     description="sqlite:///path (relative to gateway.yaml) or postgresql://user@host:port/db")
+    queue_size: int = Field(default=65536, ge=16, description="predictions waiting for the writer; beyond: dropped, counted")
+    batch_s: float = Field(default=0.05, gt=0, le=5, description="how long the writer gathers a batch")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not v.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError(f"store url must start with sqlite:/// or postgresql://, got {v!r}")
+        return v
+
+
 class GatewayConfig(Strict):
     listeners: Listeners = Listeners()
     tls: ServerTls | None = None
     auth: Auth = Auth()
     audit: Audit | None = None
+    outcomes: OutcomeStore | None = None
     workers: int = Field(default=1, ge=1, le=64)
     drain_timeout_s: float = Field(default=10.0, ge=0)
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
@@ -452,6 +470,83 @@ class Drift(Strict):
                                                           "(Jensen-Shannon distance) from the primary's is rolled back")
 
 
+class Segment(Strict):
+    """A segment attribute: a request header (its declared values, anything else is 'other') or
+    one feature of an input tensor cut into bands at `bins` edges."""
+
+    header: str | None = None
+    values: list[str] = []
+    input: str | None = None
+    index: int = Field(default=0, ge=0)
+    bins: list[float] = []
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Segment":
+        self._exactly_one("a segment", "header", "input")
+        if self.header is not None and not self.values:
+            raise ValueError("a header segment needs its 'values' (anything else counts as 'other')")
+        if self.input is not None and (len(self.bins) < 1 or self.bins != sorted(set(self.bins))):
+            raise ValueError("an input segment needs strictly increasing 'bins' edges")
+        return self
+
+
+class OutcomeTest(Strict):
+    """The rollout's sequential A/B test on one outcome: promote only when the candidate is not
+    worse than the primary by more than `margin` (with `confidence`), roll back when it is
+    significantly worse."""
+
+    outcome: str = Field(min_length=1, description="'label' (correctness or error) or a declared business outcome")
+    margin: float = Field(default=0.0, ge=0)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    higher_is_better: bool = True
+    min_samples: int = Field(default=100, ge=10, description="joined outcomes each arm needs before any decision")
+
+
+class RetrainQuality(Strict):
+    """Quality decay that asks for a retrain: the metric past `floor` for `for_s`."""
+
+    metric: Literal["accuracy", "log_loss", "mae", "rmse"] = "accuracy"
+    floor: float
+    window_s: float = Field(default=3600.0, gt=0, description="the sliding window the metric is computed over")
+    min_samples: int = Field(default=100, ge=1)
+
+
+class Retrain(Strict):
+    """When drift or quality decay persists past `for_s`, a signed webhook (and a log line and an
+    audit event) asks for a retrain, once per window."""
+
+    for_s: float = Field(default=3600.0, gt=0)
+    drift: bool = Field(default=True, description="a drift alert on the version counts as evidence")
+    quality: RetrainQuality | None = None
+    webhook: str | None = Field(default=None, description="http(s) URL the signed event is POSTed to")
+    signing_key: str = Field(default="", description="Ed25519 private key (PEM), relative to the routing file")
+    interval_s: float = Field(default=10.0, gt=0, description="how often the evidence is read")
+
+
+class Outcomes(Strict):
+    """Remember each answer so that outcomes posted later join to it: online quality, business
+    metrics, segments, the rollout's A/B test and retrain signals."""
+
+    task: Literal["classifier", "regressor", "none"] = "classifier"
+    output: str | None = Field(default=None, description="the output tensor holding the prediction (default: the first)")
+    ttl_s: float = Field(default=86400.0, gt=0, description="how long a prediction waits for its outcome")
+    business: dict[str, Literal["rate", "mean"]] = {}
+    segments: dict[str, Segment] = {}
+    test: OutcomeTest | None = None
+    retrain: Retrain | None = None
+
+    @model_validator(mode="after")
+    def _known_outcome(self) -> "Outcomes":
+        if self.test is not None and self.test.outcome != "label" and self.test.outcome not in self.business:
+            raise ValueError(f"test.outcome {self.test.outcome!r} is neither 'label' nor a declared business outcome "
+                             f"({', '.join(self.business) or 'none declared'})")
+        if self.test is not None and self.test.outcome == "label" and self.task == "none":
+            raise ValueError("test.outcome 'label' needs a task (classifier or regressor)")
+        if self.test is not None and self.test.outcome == "label" and self.task == "regressor" and self.test.higher_is_better:
+            raise ValueError("a regressor's 'label' test compares absolute errors: set test.higher_is_better: false")
+        return self
+
+
 class AccessRule(Strict):
     """Who may do what: callers matching any of principals (globs), groups or claims (all must
     hold) may take `actions` on `models` (globs); `anonymous: true` admits every caller, even one
@@ -463,7 +558,7 @@ class AccessRule(Strict):
     claims: dict[str, str | list[str]] = {}
     anonymous: bool = False
     models: list[str] = Field(default=["*"], min_length=1)
-    actions: list[Literal["infer", "metadata", "admin"]] = Field(min_length=1)
+    actions: list[Literal["infer", "metadata", "admin", "feedback"]] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _someone(self) -> "AccessRule":
@@ -490,6 +585,7 @@ class Route(Strict):
     timeout_s: float | None = Field(default=None, gt=0)
     validation: Validation | None = None
     drift: Drift | None = None
+    outcomes: Outcomes | None = None
 
     @model_validator(mode="after")
     def _one_form(self) -> "Route":
@@ -662,6 +758,19 @@ def _route_problems(doc: _Document, name: str, route: Route, gateway: GatewayCon
             except (OSError, ValueError, KeyError, TypeError) as e:
                 problems.append(Problem(doc.file, doc.line(loc), f"{_dotted(loc)}: profile {name_!r} does not load: "
                                         f"{getattr(e, 'strerror', None) or e}"))
+    if route.outcomes is not None:
+        if gateway.outcomes is None:
+            loc = where + ("outcomes",)
+            problems.append(Problem(doc.file, doc.line(loc), f"{_dotted(loc)}: the gateway config has no 'outcomes' "
+                                    "section naming the store predictions are kept in"))
+        if route.outcomes.retrain is not None and route.outcomes.retrain.signing_key:
+            from gateway.audit.chain import load_key
+
+            loc = where + ("outcomes", "retrain", "signing_key")
+            try:
+                load_key(Path(doc.file).parent / route.outcomes.retrain.signing_key)
+            except (OSError, ValueError, TypeError) as e:
+                problems.append(Problem(doc.file, doc.line(loc), f"{_dotted(loc)}: {getattr(e, 'strerror', None) or e}"))
     if route.rollout is not None and len(targets) < 2:
         loc = where + ("rollout",)
         problems.append(Problem(doc.file, doc.line(loc), f"{_dotted(loc)}: a rollout needs a second target to move traffic from"))

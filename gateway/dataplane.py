@@ -1,7 +1,7 @@
 """The request path, top to bottom. Frontends decode a protocol into a Call (with the caller's
 principal, from a verified client certificate or bearer token, and its W3C trace context), this
-module decides what happens to it, and frontends encode the answer. Later rooms (outcomes) slot
-in here, in this order, and nowhere else.
+module decides what happens to it, and frontends encode the answer. Every room takes its turn
+here, in this order, and nowhere else.
 
     audit.admit()                                     fail_closed policy and a full audit queue: UNAVAILABLE
     access.check(principal, model, "infer")         access rules (UNAUTHENTICATED / PERMISSION_DENIED)
@@ -17,8 +17,12 @@ in here, in this order, and nowhere else.
     stats / metrics                                   per-target outcomes for rollout gates; counters, latency
     audit.infer(call, outcome)                        queue the request's record, every outcome (never blocks)
     monitor.record(request, response)                 inline drift: bin inputs and outputs (numba)
+    outcomes.remember(...)                            queue what a later outcome joins to (never blocks)
     shadows.offer(...)                                sampled shadows run after the answer, off this path
     return response + target.response_suffix          renamed back to the public model
+
+Posted outcomes (`feedback`) take the same access rules (action "feedback") and the route's
+outcome recorder joins them to the remembered predictions.
 """
 from __future__ import annotations
 
@@ -31,9 +35,12 @@ import grpc
 
 from gateway.audit.trail import Auditor
 from gateway.backends.triton import Metadata
-from gateway.errors import DeadlineExceeded, GatewayError, PermissionDenied, ResourceExhausted, Unauthenticated
+from gateway.errors import (DeadlineExceeded, FailedPrecondition, GatewayError, PermissionDenied, ResourceExhausted,
+                            Unauthenticated)
 from gateway.observability.metrics import Metrics
 from gateway.observability.trace import Trace, current as current_trace
+from gateway.outcomes.feedback import Status
+from gateway.outcomes.records import Feedback
 from gateway.protocol.tensors import check_layout
 from gateway.protocol.wire import pb
 from gateway.routing.shadow import ShadowDispatcher
@@ -176,9 +183,21 @@ class DataPlane:
             monitor = route.drift.by_target.get(done.target)
             if monitor is not None:
                 monitor.record(call.request, response, call.trace.trace_id)
+        if route.outcomes is not None:
+            route.outcomes.remember(call.request_id, call.trace.trace_id, done.target, done.version, done.decision,
+                                    call.headers, call.request, response)
         if route.shadows:
             self.shadows.offer(route, call, target, response)
         return Answer(response + target.response_suffix, done.target)
+
+    async def feedback(self, model: str, items: list[Feedback], principal: Principal | None) -> list[Status]:
+        """Outcomes posted for earlier requests of one model, joined to what was remembered of
+        them; each item's fate in order."""
+        self.authorize(principal, model, "feedback")
+        route = self.routes.resolve(model)
+        if route.outcomes is None:
+            raise FailedPrecondition(f"model '{route.public}' does not collect outcomes (its route has no 'outcomes' section)")
+        return await route.outcomes.post(items)
 
     def refused(self, trace: Trace, model: str, protocol: str, client: str, error: GatewayError,
                 headers: Mapping[str, str], request_id: str = "") -> None:

@@ -54,6 +54,10 @@ class NotFound(GatewayError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class FailedPrecondition(GatewayError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unavailable(GatewayError):
     code = grpc.StatusCode.UNAVAILABLE
 

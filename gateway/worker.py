@@ -19,6 +19,7 @@ from gateway.frontends import admin
 from gateway.frontends import grpc as grpc_frontend
 from gateway.frontends.http import HttpFrontend
 from gateway.observability.metrics import Metrics
+from gateway.outcomes.hub import OutcomeHub
 from gateway.routing.live import LiveRouting
 from gateway.routing.rollout import RolloutController
 from gateway.routing.shadow import ShadowDispatcher
@@ -65,7 +66,8 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool, index: int = 0) 
     shadows.start()
     dataplane = DataPlane(metrics, shadows, audit)
     drift = DriftHub(loaded.routing_path.parent, metrics, leader, _shared_dir())  # its Binners JIT-compile
-    live = LiveRouting(loaded, backends, metrics, dataplane.swap, drift)
+    outcomes = OutcomeHub(cfg.outcomes, base, metrics.outcomes) if cfg.outcomes else None
+    live = LiveRouting(loaded, backends, metrics, dataplane.swap, drift, outcomes)
     background = [asyncio.create_task(live.watch()),
                   asyncio.create_task(drift.run(lambda: {r.public: r.spec.drift for r in live.table.routes.values()
                                                          if r.spec.drift is not None}))]
@@ -121,6 +123,8 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool, index: int = 0) 
     await shadows.close()
     if audit is not None:
         await asyncio.to_thread(audit.close, cfg.drain_timeout_s)  # the last records, fsynced and sealed
+    if outcomes is not None:
+        await asyncio.to_thread(outcomes.close)  # predictions still queued are written
     if jwt is not None:
         await jwt.close()
     await asyncio.gather(*(b.close() for b in backends.values()))

@@ -242,3 +242,39 @@ def redis_server(tmp_path: Path) -> Iterator[Redis]:
         yield server
     finally:
         server.stop()
+
+
+POSTGRES_SCRIPT = ROOT / "scripts" / "postgres.sh"
+
+
+@dataclass
+class Postgres:
+    """A real PostgreSQL server (scripts/postgres.sh, a private cluster) a test may stop and start
+    again on the same port; its data survives a restart."""
+
+    port: int
+    env: dict
+    args: tuple[str, ...] = ("-c", "fsync=off")   # tests need no durability across a machine crash
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/infergate"
+
+    def start(self) -> None:
+        subprocess.run([str(POSTGRES_SCRIPT), "start", *self.args], env=self.env, check=True, timeout=300)
+
+    def stop(self) -> None:
+        subprocess.run([str(POSTGRES_SCRIPT), "stop"], env=self.env, check=False, timeout=60)
+
+
+@pytest.fixture
+def postgres_server(tmp_path: Path) -> Iterator[Postgres]:
+    """A PostgreSQL of the test's own on a free port, its cluster under tmp_path (installed from
+    Debian's package if missing), with an empty database `infergate`."""
+    port = free_port()
+    server = Postgres(port, dict(os.environ, PG_PORT=str(port), PGHOME=str(tmp_path / "postgres")))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

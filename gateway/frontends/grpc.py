@@ -16,12 +16,15 @@ from gateway import __version__
 from gateway.dataplane import Call, DataPlane
 from gateway.errors import GatewayError, InvalidArgument
 from gateway.observability.trace import TRACEPARENT, Trace
+from gateway.outcomes import feedback as outcome_feedback
+from gateway.protocol import feedback_pb2
 from gateway.protocol.wire import SERVICE, parameter_text, pb, stream_error, stream_response
 from gateway.security.identity import Authenticator
 from gateway.security.principal import Principal
 
 log = logging.getLogger(__name__)
 
+FEEDBACK_SERVICE = "infergate.v1.Feedback"
 STREAM_IN_FLIGHT = 64  # requests of one ModelStreamInfer stream running at once
 TARGET_HEADER = "infergate-target"  # names the route target that served a request
 FALLBACK_HEADER = "infergate-fallback"  # names the fallback rule(s) of a degraded answer
@@ -41,12 +44,9 @@ class GrpcFrontend:
         self.authenticator = authenticator
         self.peer_certs = peer_certs
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        def unary(fn: Callable[..., Awaitable[Any]], request_type: type, response_type: type) -> grpc.RpcMethodHandler:
-            return grpc.unary_unary_rpc_method_handler(
-                _guarded(fn), request_deserializer=request_type.FromString, response_serializer=response_type.SerializeToString)
-
-        return grpc.method_handlers_generic_handler(SERVICE, {
+    def handlers(self) -> tuple[grpc.GenericRpcHandler, ...]:
+        """Triton's inference service, and infergate's feedback service beside it."""
+        return (grpc.method_handlers_generic_handler(SERVICE, {
             "ModelInfer": grpc.unary_unary_rpc_method_handler(_guarded(self.model_infer)),
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.model_stream_infer),
             "ServerLive": unary(self.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
@@ -57,7 +57,9 @@ class GrpcFrontend:
             "ModelConfig": unary(self.model_config, pb.ModelConfigRequest, pb.ModelConfigResponse),
             "ModelStatistics": unary(self.model_statistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
             "RepositoryIndex": unary(self.repository_index, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
-        })
+        }), grpc.method_handlers_generic_handler(FEEDBACK_SERVICE, {
+            "PostOutcomes": unary(self.post_outcomes, feedback_pb2.PostOutcomesRequest, feedback_pb2.PostOutcomesResponse),
+        }))
 
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """One request; the trailers name the target that served it and the gateway's span
@@ -135,6 +137,11 @@ class GrpcFrontend:
             for task in pending:
                 task.cancel()
 
+    async def post_outcomes(self, request: feedback_pb2.PostOutcomesRequest, context: Any) -> feedback_pb2.PostOutcomesResponse:
+        """Outcomes for earlier requests of one model: each item's fate in order."""
+        statuses = await self.dataplane.feedback(request.model, outcome_feedback.from_proto(request), self._principal(context))
+        return outcome_feedback.to_proto(statuses)
+
     async def server_live(self, request: Any, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
@@ -204,6 +211,12 @@ class _Metadata:
         return values or default
 
 
+def unary(fn: Callable[..., Awaitable[Any]], request_type: type, response_type: type) -> grpc.RpcMethodHandler:
+    """A unary method whose handler takes and returns messages; errors answered by `_guarded`."""
+    return grpc.unary_unary_rpc_method_handler(
+        _guarded(fn), request_deserializer=request_type.FromString, response_serializer=response_type.SerializeToString)
+
+
 def _client(peer: str) -> str:
     """'ipv4:10.0.0.7:51234' -> 'ipv4:10.0.0.7': the address without the port."""
     return peer.rpartition(":")[0] or peer
@@ -240,7 +253,7 @@ def server(frontend: GrpcFrontend, host: str, port: int, max_message_bytes: int,
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ])
-    srv.add_generic_rpc_handlers((frontend.handler(),))
+    srv.add_generic_rpc_handlers(frontend.handlers())
     address = f"{host}:{port}"
     bound = srv.add_secure_port(address, credentials) if credentials else srv.add_insecure_port(address)
     if bound == 0:

@@ -13,9 +13,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import __version__
 from gateway.dataplane import Call, DataPlane
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, InvalidArgument
 from gateway.frontends.grpc import EXTENSIONS, FALLBACK_HEADER, TARGET_HEADER
 from gateway.observability.trace import TRACEPARENT, Trace
+from gateway.outcomes import feedback as outcome_feedback
 from gateway.protocol import http_codec
 from gateway.protocol.messages import to_json
 from gateway.protocol.wire import pb
@@ -94,6 +95,7 @@ class HttpFrontend:
             app.router.add_get(prefix + "/config", self.model_config)
             app.router.add_get(prefix + "/stats", self.statistics)
             app.router.add_post(prefix + "/infer", self.infer)
+        app.router.add_post(model + "/feedback", self.feedback)
         return app
 
     async def infer(self, request: web.Request) -> web.Response:
@@ -132,6 +134,16 @@ class HttpFrontend:
         if request.headers.get("Accept-Encoding"):
             response.enable_compression()
         return response
+
+    async def feedback(self, request: web.Request) -> web.Response:
+        """Outcomes for earlier requests of one model (issue #10's feedback API): each item's fate in order."""
+        caller = principal(request, self.authenticator)
+        try:
+            doc = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as e:
+            raise InvalidArgument(f"the body is not JSON: {e}") from None
+        items = outcome_feedback.from_json(request.match_info["model"], doc)
+        return json_response(outcome_feedback.to_json(await self.dataplane.feedback(request.match_info["model"], items, caller)))
 
     async def live(self, request: web.Request) -> web.Response:
         return web.Response(status=200)

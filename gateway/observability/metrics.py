@@ -34,7 +34,7 @@ class Metrics:
                                          ["backend", "model"], buckets=LATENCY_BUCKETS)
         self.rate_limited = Counter("infergate_rate_limited_total", "Requests refused by a rate limit, by its scope",
                                     ["model", "scope"])
-        self.rollout_events = Counter("infergate_rollout_events_total", "Rollout steps: started, advanced, promoted, rolled_back",
+        self.rollout_events = Counter("infergate_rollout_events_total", "Rollout steps: started, advanced, held (before promotion, by the A/B test), promoted, rolled_back",
                                       ["model", "target", "event"])
         self.shadows = Counter("infergate_shadow_requests_total", "Shadow calls by outcome: agree, disagree, error, dropped",
                                ["model", "target", "result"])
@@ -80,6 +80,7 @@ class Metrics:
                                       "Audit writer failures by stage (render, write, fsync, seal, recovery, retention)", ["stage"])
         self.audit_recoveries = Counter("infergate_audit_recoveries_total", "Audit streams recovered after an unclean stop")
         self.audit_seals = Counter("infergate_audit_seals_total", "Signed audit seals written: checkpoint or final", ["kind"])
+        self.outcomes = OutcomeMetrics()
         for result in ("ok", "rejected"):  # series exist from the start: increase() sees the first event
             self.reloads.labels(result)
             self.tls_reloads.labels(result)
@@ -219,6 +220,58 @@ class Metrics:
     def tls_reload(self, result: str, expiry: float) -> None:
         self.tls_reloads.labels(result).inc()
         self.tls_expiry.set(expiry)
+
+
+class OutcomeMetrics:
+    """Online quality from joined outcomes, as counters: PromQL's rate() over them is the sliding
+    window, and sums over workers and replicas are exact. Quality series carry the segment
+    attribute and value ("" and "" for all traffic); their values are bounded by the declaration."""
+
+    QUALITY = ["model", "target", "version", "segment", "value"]
+
+    def __init__(self) -> None:
+        q = self.QUALITY
+        self.feedback = Counter("infergate_outcome_feedback_total",
+                                "Posted outcomes by fate: joined, unknown, expired, duplicate, invalid", ["model", "status"])
+        self.dropped = Counter("infergate_outcome_predictions_dropped_total",
+                               "Predictions not remembered: the join store's queue was full, or the answer could not be read",
+                               ["model", "reason"])
+        self.joined = Counter("infergate_outcome_joined_total", "Outcomes joined to their prediction", q)
+        self.labelled = Counter("infergate_outcome_labelled_total", "Joined outcomes carrying a ground-truth label", q)
+        self.correct = Counter("infergate_outcome_correct_total", "Labelled predictions whose top class was the label", q)
+        self.log_loss = Counter("infergate_outcome_log_loss_total", "Sum of the log-loss of labelled predictions", q)
+        self.abs_error = Counter("infergate_outcome_abs_error_total", "Sum of absolute errors of labelled predictions", q)
+        self.sq_error = Counter("infergate_outcome_squared_error_total", "Sum of squared errors of labelled predictions", q)
+        calibration = ["model", "target", "version", "bin"]
+        self.calibrated = Counter("infergate_outcome_calibration_total",
+                                  "Labelled predictions by confidence bin (top-class probability, tenths)", calibration)
+        self.calibrated_correct = Counter("infergate_outcome_calibration_correct_total",
+                                          "Labelled predictions by confidence bin whose top class was the label", calibration)
+        self.confidence = Counter("infergate_outcome_confidence_total",
+                                  "Sum of top-class probabilities by confidence bin", calibration)
+        self.business = Counter("infergate_outcome_business_total", "Sum of a business outcome's values", q + ["outcome"])
+        self.business_count = Counter("infergate_outcome_business_observed_total",
+                                      "Joined outcomes reporting a business outcome", q + ["outcome"])
+        self.ab_bound = Gauge("infergate_ab_difference", "The A/B test's confidence sequence for candidate minus primary: "
+                              "bound is low, estimate or high", ["model", "candidate", "outcome", "bound"],
+                              multiprocess_mode="livemax")
+        self.ab_decision = Gauge("infergate_ab_decision", "The A/B test's verdict: 1 not worse, 0 undecided, -1 worse",
+                                 ["model", "candidate", "outcome"], multiprocess_mode="livemax")
+        self.retrains = Counter("infergate_retrain_events_total", "Retrain events emitted, by evidence kind",
+                                ["model", "version", "kind"])
+        self.webhook_failures = Counter("infergate_retrain_webhook_failures_total",
+                                        "Retrain webhook deliveries that failed after their retries", ["model"])
+
+    def posted(self, model: str, status: str) -> None:
+        self.feedback.labels(model, status).inc()
+
+    def drop(self, model: str, reason: str) -> None:
+        self.dropped.labels(model, reason).inc()
+
+    def ab(self, model: str, candidate: str, outcome: str, low: float, estimate: float, high: float, verdict: int) -> None:
+        for bound, value in (("low", low), ("estimate", estimate), ("high", high)):
+            self.ab_bound.labels(model, candidate, outcome, bound).set(value)
+        self.ab_decision.labels(model, candidate, outcome).set(verdict)
 
 
 def exposition() -> bytes:

@@ -3,7 +3,10 @@ rolls it back to 0% with a logged reason when one does not.
 
 A gate is anything with `check(canary, baseline) -> reason | None` over the outcome windows of
 the current step: error rate, p99 latency, and — for routes with a drift section naming
-`max_distribution_js` — the distance between the canary's and the primary's predictions.
+`max_distribution_js` — the distance between the canary's and the primary's predictions. A gate
+may also `hold(canary, baseline) -> reason | None` a promotion: the sequential A/B test on a
+declared outcome (routes whose `outcomes` name a `test`) promotes only a candidate shown not
+worse than the primary by more than its margin, and rolls back one shown worse.
 """
 from __future__ import annotations
 
@@ -11,11 +14,12 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Mapping, Protocol
 
-from gateway.config import Rollout
+from gateway.config import OutcomeTest, Rollout
+from gateway.outcomes.sequential import Arm, Decision, decide
 from gateway.routing.state import RolloutStatus, RouteState
-from gateway.routing.table import Route, RouteTable
+from gateway.routing.table import Route, RouteTable, Target
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +76,51 @@ class DistributionGate:
         return None
 
 
+@dataclass(frozen=True)
+class OutcomeGate:
+    """The always-valid sequential test (gateway.outcomes.sequential) between the canary's and the
+    primary's outcomes joined to answers of the current step (one traffic split, as the test's
+    guarantee assumes): "worse" rolls back; anything but "not_worse" holds the promotion."""
+
+    test: OutcomeTest
+    arms: Callable[[str, str], tuple[Arm, Arm] | None]  # (canary, baseline) -> their outcomes so far
+    report: Callable[[str, Decision], None] = lambda canary, decision: None
+
+    def _decision(self, canary: Window, baseline: Window) -> Decision | None:
+        arms = self.arms(canary.target, baseline.target)
+        if arms is None:
+            return None
+        decision = decide(*arms, margin=self.test.margin, alpha=1 - self.test.confidence,
+                          higher_is_better=self.test.higher_is_better, min_n=self.test.min_samples)
+        self.report(canary.target, decision)
+        return decision
+
+    def check(self, canary: Window, baseline: Window) -> str | None:
+        decision = self._decision(canary, baseline)
+        return f"{self.test.outcome}: {decision.reason}" if decision is not None and decision.verdict == "worse" else None
+
+    def hold(self, canary: Window, baseline: Window) -> str | None:
+        decision = self._decision(canary, baseline)
+        if decision is None:
+            return f"{self.test.outcome}: no joined outcomes yet"
+        return None if decision.verdict == "not_worse" else f"{self.test.outcome}: {decision.reason}"
+
+
 Distance = Callable[[str, str, str], float | None]  # (model, canary, baseline) -> JS distance of predictions
+ArmsFor = Callable[[Route, str, str], tuple[Arm, Arm] | None]  # (route, canary, baseline) -> outcomes (prefetched)
+FetchArms = Callable[[Route, str, str, float], tuple[Arm, Arm] | None]  # (route, canary, baseline, since), blocking
 
 
-def gates_for(route: Route, spec: Rollout, distance: Distance | None) -> list[Gate]:
+def gates_for(route: Route, spec: Rollout, distance: Distance | None, arms: ArmsFor | None = None,
+              report: Callable[[str, str, Decision], None] | None = None) -> list[Gate]:
     gates: list[Gate] = [ErrorRateGate(spec.max_error_rate_increase), LatencyGate(spec.max_p99_ratio)]
     drift = route.spec.drift
     if drift is not None and drift.max_distribution_js is not None and distance is not None:
         gates.append(DistributionGate(drift.max_distribution_js, lambda a, b: distance(route.public, a, b)))
+    outcomes = route.spec.outcomes
+    if outcomes is not None and outcomes.test is not None and arms is not None:
+        gates.append(OutcomeGate(outcomes.test, lambda a, b: arms(route, a, b),
+                                 (lambda canary, d: report(route.public, canary, d)) if report else lambda c, d: None))
     return gates
 
 
@@ -90,10 +131,15 @@ class RolloutController:
     def __init__(self, table: Callable[[], RouteTable], states: Callable[[], dict[str, RouteState]],
                  update: Callable[[str, Callable[[RouteState], RouteState]], None], interval_s: float = 1.0,
                  on_event: Callable[[str, str, str], None] = lambda model, target, event: None,
-                 distance: Distance | None = None) -> None:
-        """on_event(model, canary, event): started, advanced, promoted or rolled_back; distance:
-        how far apart two targets' predictions are (the drift hub), for the distribution gate."""
+                 distance: Distance | None = None, outcomes: FetchArms | None = None,
+                 on_test: Callable[[str, str, Decision], None] | None = None) -> None:
+        """on_event(model, canary, event): started, advanced, held, promoted or rolled_back; distance:
+        how far apart two targets' predictions are (the drift hub), for the distribution gate;
+        outcomes: the joined outcomes of two targets since a time (the join store, read in a
+        thread before each tick), for the A/B gate, whose every look goes to on_test."""
         self._distance = distance
+        self._fetch = outcomes
+        self._on_test = on_test
         self._table = table
         self._states = states
         self._update = update
@@ -104,23 +150,41 @@ class RolloutController:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
-                self.tick()
+                self.tick(await self._arms())
             except Exception:  # noqa: BLE001 - the controller must keep running
                 log.exception("rollout tick failed")
 
-    def tick(self) -> None:
+    async def _arms(self) -> dict[tuple[str, str, str], tuple[Arm, Arm]]:
+        """The A/B evidence of every progressing rollout with an outcome test, read off the loop."""
+        fetch = self._fetch
+        if fetch is None:
+            return {}
+        wanted = []
+        for route in list(self._table().routes.values()):
+            spec, outcomes = route.spec.rollout, route.spec.outcomes
+            state = self._states().get(route.public)
+            if spec and outcomes and outcomes.test and state and state.rollout and state.rollout.phase == "progressing":
+                wanted.append((route, spec.target, _primary(route, spec).name, state.rollout.since))
+        found = await asyncio.gather(*(asyncio.to_thread(fetch, *w) for w in wanted))
+        return {(w[0].public, w[1], w[2]): arms for w, arms in zip(wanted, found) if arms is not None}
+
+    def tick(self, arms: Mapping[tuple[str, str, str], tuple[Arm, Arm]] | None = None) -> None:
+        """One look at every rollout; arms: the A/B evidence by (model, canary, primary)."""
+        evidence = arms or {}
+        fetched: ArmsFor | None = (lambda route, a, b: evidence.get((route.public, a, b))) if self._fetch else None
         for route in list(self._table().routes.values()):
             if route.spec.rollout is None:
                 continue
             state = self._states().get(route.public) or RouteState()
-            status = self._next(route, route.spec.rollout, state)
+            status = self._next(route, route.spec.rollout, state, fetched)
             if status is not None:
                 self._update(route.public, lambda state, status=status: _with_rollout(state, status))
                 event = "started" if state.rollout is None else \
-                    status.phase if status.phase in ("promoted", "rolled_back") else "advanced"
+                    status.phase if status.phase in ("promoted", "rolled_back") else \
+                    "held" if status.step == state.rollout.step else "advanced"
                 self._on_event(route.public, route.spec.rollout.target, event)
 
-    def _next(self, route: Route, spec: Rollout, state: RouteState) -> RolloutStatus | None:
+    def _next(self, route: Route, spec: Rollout, state: RouteState, arms: ArmsFor | None) -> RolloutStatus | None:
         """The rollout's next status, or None when it stays as it is."""
         if state.rollout is None:
             log.info("rollout %s: %s starts at %d%%", route.public, spec.target, spec.steps[0])
@@ -131,12 +195,12 @@ class RolloutController:
         now_wall, now_mono = time.time(), time.monotonic()
         since = now_mono - (now_wall - status.since)
         canary = Window(spec.target, *route.targets[spec.target].stats.window(since))
-        others = [t for name, t in route.targets.items() if name != spec.target]
-        primary = max(others, key=lambda t: t.weight)
+        primary = _primary(route, spec)
         baseline = Window(primary.name, *primary.stats.window(since))
         if canary.requests < spec.min_requests:
             return None
-        for gate in gates_for(route, spec, self._distance):
+        gates = gates_for(route, spec, self._distance, arms, self._on_test)
+        for gate in gates:
             reason = gate.check(canary, baseline)
             if reason:
                 log.warning("rollout %s: %s rolled back to 0%% at step %d%%: %s",
@@ -147,8 +211,21 @@ class RolloutController:
         if status.step + 1 < len(spec.steps):
             log.info("rollout %s: %s advances to %d%%", route.public, spec.target, spec.steps[status.step + 1])
             return RolloutStatus(status.step + 1, now_wall)
+        for gate in gates:
+            held = gate.hold(canary, baseline) if isinstance(gate, OutcomeGate) else None
+            if held:
+                if held != status.reason:
+                    log.info("rollout %s: %s holds at %d%% before promotion: %s",
+                             route.public, spec.target, spec.steps[status.step], held)
+                    return RolloutStatus(status.step, status.since, "progressing", held)
+                return None
         log.info("rollout %s: %s promoted to 100%%", route.public, spec.target)
         return RolloutStatus(status.step, now_wall, "promoted", "all steps passed")
+
+
+def _primary(route: Route, spec: Rollout) -> Target:
+    """The target the canary is compared with: the heaviest of the others."""
+    return max((t for name, t in route.targets.items() if name != spec.target), key=lambda t: t.weight)
 
 
 def _with_rollout(state: RouteState, status: RolloutStatus) -> RouteState:

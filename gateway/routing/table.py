@@ -17,6 +17,8 @@ from gateway.config import Compare, Route as RouteSpec, RoutingConfig
 from gateway.drift.monitor import DriftHub, RouteDrift
 from gateway.errors import NotFound
 from gateway.fallback import RuleSet
+from gateway.outcomes.hub import OutcomeHub
+from gateway.outcomes.recorder import Recorder
 from gateway.resilience.breaker import Breaker, PerTarget
 from gateway.resilience.caps import Cap
 from gateway.resilience.limits import Limits, bucket
@@ -80,6 +82,7 @@ class Route:
     limited: bool = False                 # any rate limit applies (model, client or global)
     validation: Schemas | None = None     # edge checks, compiled per target from Triton's schema + YAML
     drift: RouteDrift | None = None       # inline drift monitors of the targets with a profile
+    outcomes: Recorder | None = None      # remembers answers that posted outcomes join to
     by_version: dict[str, Target] = field(default_factory=dict)
 
     def decide(self, version: str, headers: Mapping[str, str], request: pb.ModelInferRequest | None) -> Decision:
@@ -147,7 +150,8 @@ def _version(config: RoutingConfig, routes: Mapping[str, Route]) -> str:
 
 def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
                    states: Mapping[str, RouteState], stats: dict[tuple[str, str], TargetStats],
-                   kept: PerTarget | None = None, drift: DriftHub | None = None) -> RouteTable:
+                   kept: PerTarget | None = None, drift: DriftHub | None = None,
+                   outcomes: OutcomeHub | None = None) -> RouteTable:
     """Build the table from the file's routes and the live state (admin overrides, rollout steps).
     config.load has already checked every reference."""
     limits = Limits(config.limits.global_, config.limits.per_client)
@@ -192,6 +196,7 @@ def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
             validation=Schemas(spec.validation) if spec.validation else None,
             drift=drift.route(public, spec.drift, {n: (t.backend, t.model, t.version) for n, t in targets.items()})
             if spec.drift and drift else None,
+            outcomes=outcomes.recorder(public, spec.outcomes) if spec.outcomes and outcomes else None,
             by_version=by_version,
         )
     if drift is not None:

@@ -10,7 +10,7 @@ from gateway.config import AccessRule
 from gateway.errors import PermissionDenied, Unauthenticated
 from gateway.security.principal import Principal
 
-ACTIONS = ("infer", "metadata", "admin")
+ACTIONS = ("infer", "metadata", "admin", "feedback")
 _MAX_CACHED = 50_000
 
 

@@ -1,0 +1,168 @@
+"""A route's outcome collection, compiled when the route table is built: what the request path
+hands the join store for each answer (references and a few header lookups), how the store's
+writer thread turns that into a Prediction (off the path: parsing the answer, reading segment
+features), and how a posted outcome is checked against what the route declares."""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+
+from gateway import config
+from gateway.outcomes.feedback import Status
+from gateway.outcomes.records import Feedback, Prediction
+from gateway.protocol.tensors import views
+from gateway.protocol.wire import pb
+
+if TYPE_CHECKING:
+    from gateway.outcomes.hub import OutcomeHub
+
+OTHER = "other"  # the segment value of anything outside a header segment's declared values
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """One answer as the request path hands it over: references only, decoded later."""
+
+    recorder: "Recorder"
+    request_id: str
+    trace_id: str
+    target: str
+    version: str
+    decision: str
+    segments: dict[str, str]        # the header segments, read while the headers are at hand
+    request: pb.ModelInferRequest
+    response: bytes
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Band:
+    """An input segment: one feature of an input tensor, cut at ascending edges."""
+
+    name: str
+    input: str
+    index: int
+    edges: np.ndarray
+    labels: tuple[str, ...]
+
+
+def band_labels(edges: list[float]) -> tuple[str, ...]:
+    """'<e0', '[e0,e1)', ..., '>=en': the values an input segment takes."""
+    def g(x: float) -> str:
+        return f"{x:g}"
+    inner = tuple(f"[{g(a)},{g(b)})" for a, b in zip(edges, edges[1:]))
+    return (f"<{g(edges[0])}", *inner, f">={g(edges[-1])}")
+
+
+class Recorder:
+    """One route's `outcomes` declaration, ready for the request path and the join."""
+
+    def __init__(self, public: str, spec: config.Outcomes, hub: "OutcomeHub") -> None:
+        self.public = public
+        self.spec = spec
+        self.hub = hub
+        self._headers = tuple((name, s.header.lower(), frozenset(s.values))
+                              for name, s in spec.segments.items() if s.header is not None)
+        self._bands = tuple(_Band(name, s.input, s.index, np.asarray(s.bins, np.float64), band_labels(s.bins))
+                            for name, s in spec.segments.items() if s.input is not None)
+        self._inputs = frozenset(b.input for b in self._bands)
+        self._decode = self.decode  # bound once: remember runs on every answer
+
+    def segment_values(self) -> dict[str, tuple[str, ...]]:
+        """Every value each segment attribute can take (metric labels are bounded by these)."""
+        out = {name: (*sorted(values), OTHER) for name, _, values in self._headers}
+        out.update({b.name: (*b.labels, OTHER) for b in self._bands})
+        return out
+
+    def remember(self, request_id: str, trace_id: str, target: str, version: str, decision: str,
+                 headers: Mapping[str, str], request: pb.ModelInferRequest, response: bytes) -> None:
+        """Hand one answer to the store's queue (never blocks, never fails the answer)."""
+        segments = {}
+        for name, header, values in self._headers:
+            value = headers.get(header)
+            segments[name] = value if value in values else OTHER
+        self.hub.store.remember(Answered(self, request_id, trace_id, target, version, decision, segments,
+                                     request, response, time.time()), self._decode)
+
+    def decode(self, a: Answered) -> Prediction:
+        """The Prediction kept for one answer (the store's writer thread calls this). The output
+        tensor becomes one row of floats per batch entry; an input segment reads batch row 0."""
+        answer = pb.ModelInferResponse.FromString(a.response)
+        wanted = self.spec.output or (answer.outputs[0].name if answer.outputs else "")
+        output = views(answer.outputs, answer.raw_output_contents, (wanted,)).get(wanted)
+        rows = [] if output is None else np.asarray(output, np.float64).reshape(output.shape[0] if output.ndim else 1, -1).tolist()
+        segments = dict(a.segments)
+        if self._bands:
+            inputs = views(a.request.inputs, a.request.raw_input_contents, self._inputs)
+            for band in self._bands:
+                tensor = inputs.get(band.input)
+                segments[band.name] = _band(band, tensor)
+        return Prediction(self.public, a.request_id, a.trace_id, a.target, a.version, a.decision, segments,
+                          rows, a.at, a.at + self.spec.ttl_s)
+
+    def check(self, item: Feedback) -> str | None:
+        """Why a posted outcome cannot be joined as it is (None: it can)."""
+        if not item.request_id and not item.trace_id:
+            return "names neither a request id nor a trace id"
+        if item.trace_id and (len(item.trace_id) != 32 or not _is_hex(item.trace_id)):
+            return f"trace id {item.trace_id!r} is not 32 lower-case hex digits"
+        if item.label is None and not item.business:
+            return "carries neither a label nor a business outcome"
+        if item.label is not None:
+            if not math.isfinite(item.label):
+                return f"label {item.label!r} is not a finite number"
+            if self.spec.task == "none":
+                return "this model takes no labels (outcomes.task is 'none')"
+            if self.spec.task == "classifier" and (item.label < 0 or item.label != int(item.label)):
+                return f"label {item.label!r} is not a class index"
+        for name, value in item.business.items():
+            kind = self.spec.business.get(name)
+            if kind is None:
+                return f"business outcome {name!r} is not declared (declared: {', '.join(self.spec.business) or 'none'})"
+            if not math.isfinite(value) or value < 0 or (kind == "rate" and value not in (0.0, 1.0)):
+                return f"business outcome {name!r} = {value!r} is not {'true/false' if kind == 'rate' else 'a finite number >= 0'}"
+        return None
+
+    async def post(self, items: list[Feedback]) -> list[Status]:
+        """Check each posted outcome, join the good ones in one store transaction (in a thread:
+        the store may be a network away), count what joined; every item's fate in order."""
+        statuses: list[Status | None] = []
+        good: list[Feedback] = []
+        for item in items:
+            reason = self.check(item)
+            statuses.append(Status("invalid", reason) if reason else None)
+            if reason is None:
+                good.append(item)
+        results = iter(await asyncio.to_thread(self.hub.store.join, good, time.time()) if good else ())
+        out = []
+        for status in statuses:
+            if status is None:
+                result = next(results)
+                if result.joined is not None:
+                    self.hub.count(self, result.joined)
+                status = Status(result.status, result.reason)
+            self.hub.metrics.posted(self.public, status.status)
+            out.append(status)
+        return out
+
+
+def _band(band: _Band, tensor: np.ndarray | None) -> str:
+    """The band of batch row 0's feature, or 'other' when the request does not carry it."""
+    if tensor is None or tensor.size == 0:
+        return OTHER
+    flat = tensor.reshape(tensor.shape[0], -1) if tensor.ndim > 1 else tensor.reshape(1, -1)
+    if band.index >= flat.shape[1]:
+        return OTHER
+    value = float(flat[0, band.index])
+    if not math.isfinite(value):
+        return OTHER
+    return band.labels[int(np.searchsorted(band.edges, value, side="right"))]
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)

@@ -19,12 +19,14 @@ from gateway.frontends import admin
 from gateway.frontends import grpc as grpc_frontend
 from gateway.frontends.http import HttpFrontend
 from gateway.observability.metrics import Metrics
+from gateway.resilience.leases import SharedBuckets
 from gateway.routing.live import LiveRouting
 from gateway.routing.rollout import RolloutController
 from gateway.routing.shadow import ShadowDispatcher
 from gateway.security.identity import Authenticator
 from gateway.security.jwt import JwtVerifier
 from gateway.security.tls import ListenerTls, channel_credentials
+from gateway.shared.link import RedisLink
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,10 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool, index: int = 0) 
     shadows = ShadowDispatcher(metrics, audit)
     shadows.start()
     dataplane = DataPlane(metrics, shadows, audit)
+    redis = RedisLink(cfg.redis, metrics.redis_error) if cfg.redis else None  # state shared across replicas
     drift = DriftHub(loaded.routing_path.parent, metrics, leader, _shared_dir())  # its Binners JIT-compile
-    live = LiveRouting(loaded, backends, metrics, dataplane.swap, drift)
+    live = LiveRouting(loaded, backends, metrics, dataplane.swap, drift,
+                       SharedBuckets(redis, metrics.limit_decided_without_redis) if redis else None)
     background = [asyncio.create_task(live.watch()),
                   asyncio.create_task(drift.run(lambda: {r.public: r.spec.drift for r in live.table.routes.values()
                                                          if r.spec.drift is not None}))]
@@ -124,4 +128,6 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool, index: int = 0) 
     if jwt is not None:
         await jwt.close()
     await asyncio.gather(*(b.close() for b in backends.values()))
+    if redis is not None:
+        await redis.close()
     log.info("stopped")

@@ -12,6 +12,7 @@ from gateway.backends.triton import TritonBackend
 from gateway.drift.monitor import DriftHub
 from gateway.observability.metrics import Metrics
 from gateway.resilience.breaker import PerTarget
+from gateway.resilience.leases import SharedBuckets
 from gateway.routing.state import RouteState, StateFile, TargetStats, signature, spec_hash
 from gateway.routing.table import RouteTable, compile_routes
 
@@ -22,7 +23,8 @@ class LiveRouting:
     """Owns the current RouteTable and hands each new one to `on_swap` (the dataplane)."""
 
     def __init__(self, loaded: config.Loaded, backends: Mapping[str, TritonBackend], metrics: Metrics,
-                 on_swap: Callable[[RouteTable], None], drift: DriftHub | None = None) -> None:
+                 on_swap: Callable[[RouteTable], None], drift: DriftHub | None = None,
+                 shared: SharedBuckets | None = None) -> None:
         self.gateway = loaded.gateway
         self.routing_path = loaded.routing_path
         self.backends = backends
@@ -31,6 +33,7 @@ class LiveRouting:
         self.stats: dict[tuple[str, str], TargetStats] = {}
         self.kept = PerTarget(metrics.breaker)
         self.drift = drift
+        self.shared = shared  # global rate limits' buckets in Redis
         self._on_swap = on_swap
         # Signatures first, then the reads: an edit in between is seen as a change.
         self._seen = (signature(self.routing_path), signature(self.state_file.path))
@@ -39,7 +42,7 @@ class LiveRouting:
         self.table = self._build(routing)
 
     def _build(self, routing: config.RoutingConfig) -> RouteTable:
-        table = compile_routes(routing, self.backends, self.states, self.stats, self.kept, self.drift)
+        table = compile_routes(routing, self.backends, self.states, self.stats, self.kept, self.drift, self.shared)
         self.table = table
         self._on_swap(table)
         self.metrics.route_weights(table)

@@ -15,6 +15,7 @@ from gateway.backends.triton import TritonBackend
 from gateway.config import Loaded
 from gateway.dataplane import DataPlane
 from gateway.drift.monitor import DriftHub
+from gateway.drift.replicas import ReplicaMerge
 from gateway.frontends import admin
 from gateway.frontends import grpc as grpc_frontend
 from gateway.frontends.http import HttpFrontend
@@ -67,7 +68,8 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool, index: int = 0) 
     shadows.start()
     dataplane = DataPlane(metrics, shadows, audit)
     redis = RedisLink(cfg.redis, metrics.redis_error) if cfg.redis else None  # state shared across replicas
-    drift = DriftHub(loaded.routing_path.parent, metrics, leader, _shared_dir())  # its Binners JIT-compile
+    drift = DriftHub(loaded.routing_path.parent, metrics, leader, _shared_dir(),  # its Binners JIT-compile
+                     replicas=ReplicaMerge(redis) if redis and leader else None)
     live = LiveRouting(loaded, backends, metrics, dataplane.swap, drift,
                        SharedBuckets(redis, metrics.limit_decided_without_redis) if redis else None)
     background = [asyncio.create_task(live.watch()),

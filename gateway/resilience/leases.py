@@ -5,8 +5,9 @@ The bucket is refilled and taken from by one Lua script (atomic, on Redis's cloc
 does not ask Redis per request: it takes up to `lease` tokens at a time and spends them locally,
 topping its lease up in the background once half of it is spent; a request waits for Redis only
 when its process holds no token at all (its first request, or traffic faster than the top-up).
-The script also says how long until the shared bucket holds half a lease again; until then the
-process asks no more (it spends what it holds, then refuses locally).
+The script also says how long until the shared bucket holds half a lease again; until then (plus
+a random part of that time, so that no process always asks first) the process asks no more: it
+spends what it holds, then refuses locally.
 
 Error bound: Redis grants at most burst + rate * T tokens in any window of T seconds, and the
 P processes (replicas x workers) hold at most `lease` tokens each when the window opens, so the
@@ -17,6 +18,7 @@ processes that stopped getting traffic). See docs/resilience.md.
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Callable
 
 from gateway.config import RateLimit
@@ -51,7 +53,7 @@ class SharedBuckets:
     def __init__(self, link: RedisLink, on_degraded: Callable[[str, str], None] = lambda scope, decision: None) -> None:
         self.link = link
         self.on_degraded = on_degraded
-        self.take = link.client.register_script(TAKE)
+        self.script = link.client.register_script(TAKE)
 
     def lease(self, scope: str, name: str, spec: RateLimit) -> Lease:
         """This process's lease of the shared bucket of one limit. The key names the rate and
@@ -107,9 +109,10 @@ class Lease:
         want = self.size - self.balance   # tokens spent meanwhile only lower the balance: it stays <= size
         if want <= 0:
             return
-        answer = await self.buckets.link.call("limits", self.buckets.take(keys=[self.key], args=[self.rate, self.burst, want]))
+        answer = await self.buckets.link.call("limits", self.buckets.script(keys=[self.key], args=[self.rate, self.burst, want]))
         if answer is None:
             return
         granted, wait_ms = int(answer[0]), int(answer[1])
         self.balance += granted
-        self.dry_until = asyncio.get_running_loop().time() + wait_ms / 1000
+        # jittered: else the process whose wait ends first takes every refill; tokens wait in Redis meanwhile
+        self.dry_until = asyncio.get_running_loop().time() + wait_ms / 1000 * random.uniform(1.0, 1.5)

@@ -60,7 +60,7 @@ class Limits:
         """The per-model limit of a route (None: the route has none)."""
         return self.limit(spec, "model", model, f"model '{model}'") if spec else None
 
-    def applies(self, model_limit: object | None) -> bool:
+    def applies(self, model_limit: RateLimit | None) -> bool:
         """Whether a route with this model limit has any bucket to check."""
         return model_limit is not None or self.per_client is not None or self.global_limit is not None
 

@@ -30,6 +30,7 @@ class RedisLink:
         self.client = Redis.from_url(spec.url, socket_timeout=spec.timeout_s, socket_connect_timeout=spec.connect_timeout_s,
                                      retry=Retry(NoBackoff(), 0))
         self.up = True  # until a call fails
+        self.where = spec.url.rpartition("@")[2]  # for the log: the URL without credentials
         self._on_error = on_error
         self._probe: asyncio.Task[None] | None = None
 
@@ -47,7 +48,7 @@ class RedisLink:
             if self.up:
                 self.up = False
                 log.warning("redis %s unreachable (%s: %s); shared state degraded, trying again every %gs",
-                            self.spec.url.rpartition("@")[2], type(e).__name__, e, self.spec.retry_s)
+                            self.where, type(e).__name__, e, self.spec.retry_s)
                 self._probe = asyncio.create_task(self._reconnect())
             return None
 
@@ -59,7 +60,7 @@ class RedisLink:
             except (RedisError, OSError):
                 continue
             self.up = True
-            log.info("redis %s reachable again", self.spec.url.rpartition("@")[2])
+            log.info("redis %s reachable again", self.where)
             return
 
     async def close(self) -> None:

@@ -45,7 +45,7 @@ def calls(server) -> int:
 
 async def test_the_shared_bucket_refills_by_redis_time_and_grants_what_it_holds(redis_server):
     link = RedisLink(RedisSpec(url=redis_server.url))
-    take = SharedBuckets(link).take
+    take = SharedBuckets(link).script
     key = ["t:bucket"]
     assert await take(keys=key, args=[10, 5, 3]) == [3, 0]  # 2 left: half of 3 rounded up, no wait
     granted, wait_ms = await take(keys=key, args=[10, 5, 3])
@@ -84,7 +84,7 @@ async def test_two_processes_stay_within_the_bound_and_rarely_call_redis(redis_s
           f"one exact bucket: {exact:.0f}; Redis calls: {calls(redis_server) - before}")
     assert admitted <= exact + 2 * lease                # the bound: processes x lease
     assert admitted >= exact - 2 * lease - lease        # stranded leases, half a lease refilling at the end
-    assert all(r["OK"] > 0.3 * admitted for r in results)
+    assert all(r["OK"] > 0.2 * admitted for r in results)  # neither process is starved (the jittered wait)
     assert calls(redis_server) - before <= admitted / 4  # leases: far fewer Redis calls than requests
     assert not any(p.errors or p.degraded for p in processes)
     for p in processes:

@@ -33,6 +33,7 @@ class RedisLink:
         self.where = spec.url.rpartition("@")[2]  # for the log: the URL without credentials
         self._on_error = on_error
         self._probe: asyncio.Task[None] | None = None
+        self._closing = False  # calls still in flight at shutdown fail quietly
 
     def key(self, *parts: str) -> str:
         """A key under the deployment's prefix: prefix + parts joined by ':'."""
@@ -44,6 +45,8 @@ class RedisLink:
         try:
             return await pending
         except (RedisError, OSError) as e:
+            if self._closing:
+                return None
             self._on_error(use)
             if self.up:
                 self.up = False
@@ -64,6 +67,7 @@ class RedisLink:
             return
 
     async def close(self) -> None:
+        self._closing = True
         if self._probe is not None:
             self._probe.cancel()
         await self.client.aclose()

@@ -1,11 +1,15 @@
 """Global rate limits against a real Redis (scripts/redis.sh): the shared bucket's script, two
 processes' leases staying within the documented bound while calling Redis far less than once
-per request, and Redis stopped mid-way (fail_open and fail_closed) and started again."""
+per request, Redis stopped mid-way (fail_open and fail_closed) and started again, and a hung
+Redis costing at most one request one timeout."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import redis
@@ -126,4 +130,25 @@ async def test_redis_stopped_applies_the_policy_and_returning_redis_is_used_agai
     assert sum(p.degraded.values()) == degraded        # decided by the shared bucket again
     keys = await p.link.client.keys("infergate:limit:*")
     assert keys == [b"infergate:limit:model:20/10:m"]
+    await p.link.close()
+
+
+async def test_a_hung_redis_costs_one_timeout_then_nobody_waits(redis_server):
+    p = Process(redis_server.url, global_limit={"rate": 1000, "burst": 100, "scope": "global", "lease": 2})
+    assert await p.admit() == "OK"
+    pid = int((Path(redis_server.env["REDIS_HOME"]) / f"redis-{redis_server.port}.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)                       # accepts connections, answers nothing
+    try:
+        waits = []
+        for _ in range(20):
+            start = time.monotonic()
+            assert await p.admit() == "OK"             # fail_open: the local bucket decides
+            waits.append(time.monotonic() - start)
+        assert not p.link.up and p.errors["limits"] == 1
+        assert max(waits) < 0.2 + 0.1                  # at most one request waited out timeout_s...
+        assert sorted(waits)[-2] < 0.01                # ...and no other one waited at all
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await asyncio.sleep(0.3 + 0.3)
+    assert p.link.up
     await p.link.close()

@@ -5,6 +5,7 @@ rejects unknown keys; cross-file references (a route naming a backend) are check
 """
 from __future__ import annotations
 
+import math
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,6 +216,24 @@ class OutcomeStore(Strict):
         return v
 
 
+class RedisSpec(Strict):
+    """The Redis server gateway replicas share state through: global rate limits and drift counts.
+    A call slower than timeout_s counts as Redis down; while down, one PING every retry_s."""
+
+    url: str = Field(description="redis://[user:password@]host:port/db, rediss:// for TLS, or unix:///path")
+    key_prefix: str = Field(default="infergate:", description="every key starts with this: one per deployment")
+    connect_timeout_s: float = Field(default=0.5, gt=0)
+    timeout_s: float = Field(default=0.2, gt=0)
+    retry_s: float = Field(default=1.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {v!r}")
+        return v
+
+
 class GatewayConfig(Strict):
     listeners: Listeners = Listeners()
     tls: ServerTls | None = None
@@ -225,6 +244,7 @@ class GatewayConfig(Strict):
     drain_timeout_s: float = Field(default=10.0, ge=0)
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     routing_file: str = "routing.yaml"
+    redis: RedisSpec | None = None
     state_file: str = Field(default="", description="runtime overrides; default: <routing file>.state.json beside it")
     backends: dict[str, Backend] = Field(min_length=1)
 
@@ -261,15 +281,34 @@ class WeightedTarget(Target):
 
 
 class RateLimit(Strict):
-    """`rate` requests per second on average, bursts of up to `burst`."""
+    """`rate` requests per second on average, bursts of up to `burst`. Scope `local`: per gateway
+    process; `global`: across every replica, through a shared bucket in Redis that each process
+    takes `lease` tokens from at a time (the local bucket stays the first check)."""
 
     rate: float = Field(gt=0)
     burst: int = Field(default=1, ge=1)
+    scope: Literal["local", "global"] = "local"
+    lease: int | None = Field(default=None, ge=1, description="global: tokens taken at a time (default: 20 ms of rate, "
+                                                                   "at most burst); the error bound is processes x lease")
+    on_redis_down: Literal["fail_open", "fail_closed"] | None = Field(
+        default=None, description="global: Redis unreachable: the local limit alone (default), or UNAVAILABLE")
+
+    @model_validator(mode="after")
+    def _global_settings(self) -> "RateLimit":
+        if self.scope == "local" and (self.lease is not None or self.on_redis_down is not None):
+            raise ValueError("'lease' and 'on_redis_down' apply to scope: global only")
+        if self.lease is not None and self.lease > self.burst:
+            raise ValueError(f"lease {self.lease} exceeds burst {self.burst}: the shared bucket never holds more than burst")
+        return self
+
+    def lease_size(self) -> int:
+        """Tokens a process takes from the shared bucket at a time."""
+        return self.lease or max(1, min(self.burst, math.ceil(self.rate / 50)))
 
 
 class Limits(Strict):
-    """Limits across models: all traffic through this gateway process, and each client
-    (its address until identity exists)."""
+    """Limits across models: all traffic (through this gateway process, or every replica with
+    scope global), and each client (its principal, else its address)."""
 
     global_: RateLimit | None = Field(default=None, alias="global")
     per_client: RateLimit | None = None
@@ -777,6 +816,16 @@ def _route_problems(doc: _Document, name: str, route: Route, gateway: GatewayCon
     return problems
 
 
+def _limit_problems(doc: _Document, routing: RoutingConfig, gateway: GatewayConfig) -> list[Problem]:
+    """A global rate limit needs the Redis its shared bucket lives in."""
+    limits: list[tuple[Loc, RateLimit | None]] = [(("limits", "global"), routing.limits.global_),
+                                                  (("limits", "per_client"), routing.limits.per_client)]
+    limits += [(("models", name, "rate_limit"), route.rate_limit) for name, route in routing.models.items()]
+    return [Problem(doc.file, doc.line(loc + ("scope",)), f"{_dotted(loc + ('scope',))}: scope 'global' needs a "
+                    "'redis' section in the gateway config (the shared bucket lives there)")
+            for loc, limit in limits if limit is not None and limit.scope == "global" and gateway.redis is None]
+
+
 def _file_problems(doc: _Document, gateway: GatewayConfig, base: Path) -> list[Problem]:
     """Every certificate, key, CA bundle, JWKS and audit signing key the config names must be there and load."""
     pairs: list[tuple[Loc, str | None, str | None]] = []   # (where, certificate chain, its key)
@@ -867,6 +916,7 @@ def load_routing(path: Path, gateway: GatewayConfig) -> RoutingConfig:
     doc = _read(path)
     routing = doc.parse(RoutingConfig)
     problems = [p for name, route in routing.models.items() for p in _route_problems(doc, name, route, gateway)]
+    problems += _limit_problems(doc, routing, gateway)
     if problems:
         raise ConfigError(problems)
     return routing

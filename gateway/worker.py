@@ -15,17 +15,20 @@ from gateway.backends.triton import TritonBackend
 from gateway.config import Loaded
 from gateway.dataplane import DataPlane
 from gateway.drift.monitor import DriftHub
+from gateway.drift.replicas import ReplicaMerge
 from gateway.frontends import admin
 from gateway.frontends import grpc as grpc_frontend
 from gateway.frontends.http import HttpFrontend
 from gateway.observability.metrics import Metrics
 from gateway.outcomes.hub import OutcomeHub
+from gateway.resilience.leases import SharedBuckets
 from gateway.routing.live import LiveRouting
 from gateway.routing.rollout import RolloutController
 from gateway.routing.shadow import ShadowDispatcher
 from gateway.security.identity import Authenticator
 from gateway.security.jwt import JwtVerifier
 from gateway.security.tls import ListenerTls, channel_credentials
+from gateway.shared.link import RedisLink
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +68,13 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool, index: int = 0) 
     shadows = ShadowDispatcher(metrics, audit)
     shadows.start()
     dataplane = DataPlane(metrics, shadows, audit)
-    drift = DriftHub(loaded.routing_path.parent, metrics, leader, _shared_dir())  # its Binners JIT-compile
+    redis = RedisLink(cfg.redis, metrics.redis_error) if cfg.redis else None  # state shared across replicas
+    drift = DriftHub(loaded.routing_path.parent, metrics, leader, _shared_dir(),  # its Binners JIT-compile
+                     replicas=ReplicaMerge(redis) if redis and leader else None)
     outcomes = OutcomeHub(cfg.outcomes, base, metrics.outcomes) if cfg.outcomes else None
-    live = LiveRouting(loaded, backends, metrics, dataplane.swap, drift, outcomes)
+    live = LiveRouting(loaded, backends, metrics, dataplane.swap, drift,
+                       shared=SharedBuckets(redis, metrics.limit_decided_without_redis) if redis else None,
+                       outcomes=outcomes)
     background = [asyncio.create_task(live.watch()),
                   asyncio.create_task(drift.run(lambda: {r.public: r.spec.drift for r in live.table.routes.values()
                                                          if r.spec.drift is not None}))]
@@ -128,4 +135,6 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool, index: int = 0) 
     if jwt is not None:
         await jwt.close()
     await asyncio.gather(*(b.close() for b in backends.values()))
+    if redis is not None:
+        await redis.close()
     log.info("stopped")

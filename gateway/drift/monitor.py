@@ -4,7 +4,8 @@ Each worker bins every answered request of a monitored target into its window (n
 event loop: cheaper than any hop). Every `interval_s` each worker publishes its windows' counts
 to a file in the shared metrics directory; the leader merges all live workers' counts, computes
 the statistics against the reference profile, exports them and raises alerts. With one worker
-nothing is written: the leader judges its own counts.
+nothing is written: the leader judges its own counts. With several replicas sharing Redis, the
+leader first merges its replica's counts with every other replica's (drift/replicas.py).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import orjson
 
@@ -29,6 +30,9 @@ from gateway.drift.state import Binner, Counts, Window
 from gateway.drift.stats import compare, distribution_distance
 from gateway.protocol.tensors import views
 from gateway.protocol.wire import pb
+
+if TYPE_CHECKING:
+    from gateway.drift.replicas import ReplicaMerge
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +90,12 @@ class DriftHub:
     unchanged), the cross-worker exchange, and — in the leader — judging and exporting."""
 
     def __init__(self, base: Path, metrics: Any, leader: bool, share: Path | None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, replicas: ReplicaMerge | None = None) -> None:
         self.base = base  # the routing file's directory: profile paths are relative to it
         self.metrics = metrics
         self.leader = leader
         self.share = share
+        self.replicas = replicas  # the leader's exchange with other replicas (None: this replica alone)
         self._clock = clock
         self._monitors: dict[Key, tuple[Drift, TargetMonitor]] = {}
         self._profiles: dict[Path, tuple[float, Profile]] = {}
@@ -132,12 +137,18 @@ class DriftHub:
         return cached[1]
 
     async def run(self, specs: Callable[[], dict[str, Drift]]) -> None:
-        """Publish (and, in the leader, judge) every interval_s (the shortest any route asks for); never dies."""
+        """Publish (and, in the leader, merge across replicas and judge) every interval_s (the
+        shortest any route asks for); never dies."""
         while True:
-            await asyncio.sleep(min((d.interval_s for d in specs().values()), default=5.0))
+            interval = min((d.interval_s for d in specs().values()), default=5.0)
+            await asyncio.sleep(interval)
             try:
                 await self._training_times()
-                self.tick(specs())
+                merged = self.gather()
+                if merged is not None:
+                    if self.replicas is not None:
+                        merged = await self.replicas.merge(merged, interval)
+                    self.judge(specs(), merged)
             except Exception:  # noqa: BLE001 - drift must never take the gateway down
                 log.exception("drift tick failed")
 
@@ -163,12 +174,13 @@ class DriftHub:
                 except ValueError as e:
                     log.warning("model %s version %s: trained_at unreadable: %s", profile.model, profile.version, e)
 
-    def tick(self, specs: dict[str, Drift]) -> None:
-        """One round: this worker's judged counts out; the leader merges and judges them all."""
+    def gather(self) -> dict[Key, Counts] | None:
+        """This worker's judged counts: published for the leader (None), or in the leader merged
+        with every live worker's."""
         mine = {key: monitor.window.judged() for key, (_, monitor) in self._monitors.items()}
         if self.share is not None and not self.leader:
             _publish(self.share / f"drift-{os.getpid()}.json", mine)
-            return
+            return None
         merged = dict(mine)
         if self.share is not None:
             for other in _gather(self.share):
@@ -177,6 +189,10 @@ class DriftHub:
                         merged[key] = merged[key].merge(counts) if key in merged else counts
                     except ValueError as e:  # a worker still on another profile layout (mid-reload)
                         log.warning("drift counts of %s from another worker skipped: %s", key, e)
+        return merged
+
+    def judge(self, specs: dict[str, Drift], merged: dict[Key, Counts]) -> None:
+        """Export the statistics of the merged counts and raise or clear alerts; keep them for the rollout gate."""
         self.merged = merged
         for key, counts in merged.items():
             entry = self._monitors.get(key)

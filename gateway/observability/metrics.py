@@ -34,6 +34,13 @@ class Metrics:
                                          ["backend", "model"], buckets=LATENCY_BUCKETS)
         self.rate_limited = Counter("infergate_rate_limited_total", "Requests refused by a rate limit, by its scope",
                                     ["model", "scope"])
+        self.redis_errors = Counter("infergate_redis_errors_total",
+                                    "Failed Redis calls (unreachable, timed out, refused), by what they were for: limits, drift",
+                                    ["use"])
+        self.limit_degraded = Counter("infergate_global_limit_degraded_total",
+                                      "Requests a global rate limit decided without its shared bucket (Redis down): admitted "
+                                      "on the local limit alone (fail_open) or refused with UNAVAILABLE (fail_closed)",
+                                      ["scope", "decision"])
         self.rollout_events = Counter("infergate_rollout_events_total", "Rollout steps: started, advanced, held (before promotion, by the A/B test), promoted, rolled_back",
                                       ["model", "target", "event"])
         self.shadows = Counter("infergate_shadow_requests_total", "Shadow calls by outcome: agree, disagree, error, dropped",
@@ -84,6 +91,11 @@ class Metrics:
         for result in ("ok", "rejected"):  # series exist from the start: increase() sees the first event
             self.reloads.labels(result)
             self.tls_reloads.labels(result)
+        for use in ("limits", "drift"):
+            self.redis_errors.labels(use)
+        for scope in ("model", "client", "global"):
+            for decision in ("admitted", "refused"):
+                self.limit_degraded.labels(scope, decision)
         self._principals: set[str] = set()
         self._decided: dict[tuple[str, str, str, bool], Any] = {}
         self._children: dict[tuple[str, str, str, str, str], tuple[Any, Any]] = {}
@@ -156,6 +168,12 @@ class Metrics:
 
     def limited(self, model: str, scope: str) -> None:
         self.rate_limited.labels(model, scope).inc()
+
+    def redis_error(self, use: str) -> None:
+        self.redis_errors.labels(use).inc()
+
+    def limit_decided_without_redis(self, scope: str, decision: str) -> None:
+        self.limit_degraded.labels(scope, decision).inc()
 
     def rollout(self, model: str, target: str, event: str) -> None:
         self.rollout_events.labels(model, target, event).inc()

@@ -13,6 +13,7 @@ from gateway.drift.monitor import DriftHub
 from gateway.observability.metrics import Metrics
 from gateway.outcomes.hub import OutcomeHub
 from gateway.resilience.breaker import PerTarget
+from gateway.resilience.leases import SharedBuckets
 from gateway.routing.state import RouteState, StateFile, TargetStats, signature, spec_hash
 from gateway.routing.table import RouteTable, compile_routes
 
@@ -24,7 +25,7 @@ class LiveRouting:
 
     def __init__(self, loaded: config.Loaded, backends: Mapping[str, TritonBackend], metrics: Metrics,
                  on_swap: Callable[[RouteTable], None], drift: DriftHub | None = None,
-                 outcomes: OutcomeHub | None = None) -> None:
+                 shared: SharedBuckets | None = None, outcomes: OutcomeHub | None = None) -> None:
         self.gateway = loaded.gateway
         self.routing_path = loaded.routing_path
         self.backends = backends
@@ -33,6 +34,7 @@ class LiveRouting:
         self.stats: dict[tuple[str, str], TargetStats] = {}
         self.kept = PerTarget(metrics.breaker)
         self.drift = drift
+        self.shared = shared  # global rate limits' buckets in Redis
         self.outcomes = outcomes
         self._on_swap = on_swap
         # Signatures first, then the reads: an edit in between is seen as a change.
@@ -42,7 +44,8 @@ class LiveRouting:
         self.table = self._build(routing)
 
     def _build(self, routing: config.RoutingConfig) -> RouteTable:
-        table = compile_routes(routing, self.backends, self.states, self.stats, self.kept, self.drift, self.outcomes)
+        table = compile_routes(routing, self.backends, self.states, self.stats, self.kept, self.drift, self.shared,
+                               self.outcomes)
         self.table = table
         self._on_swap(table)
         self.metrics.route_weights(table)

@@ -10,8 +10,6 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from aiolimiter import AsyncLimiter
-
 from gateway.backends.triton import TritonBackend
 from gateway.config import Compare, Route as RouteSpec, RoutingConfig
 from gateway.drift.monitor import DriftHub, RouteDrift
@@ -21,7 +19,8 @@ from gateway.outcomes.hub import OutcomeHub
 from gateway.outcomes.recorder import Recorder
 from gateway.resilience.breaker import Breaker, PerTarget
 from gateway.resilience.caps import Cap
-from gateway.resilience.limits import Limits, bucket
+from gateway.resilience.leases import SharedBuckets
+from gateway.resilience.limits import Limit, Limits
 from gateway.protocol.wire import override, parameter_text, pb
 from gateway.routing.split import Split
 from gateway.routing.state import RouteState, TargetStats
@@ -78,7 +77,7 @@ class Route:
     shadows: tuple[ShadowTarget, ...]
     tracks_outcomes: bool                 # a rollout reads per-target outcomes: record them
     fallback: RuleSet | None = None
-    bucket: AsyncLimiter | None = None    # this model's rate limit
+    bucket: Limit | None = None           # this model's rate limit
     limited: bool = False                 # any rate limit applies (model, client or global)
     validation: Schemas | None = None     # edge checks, compiled per target from Triton's schema + YAML
     drift: RouteDrift | None = None       # inline drift monitors of the targets with a profile
@@ -151,10 +150,10 @@ def _version(config: RoutingConfig, routes: Mapping[str, Route]) -> str:
 def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
                    states: Mapping[str, RouteState], stats: dict[tuple[str, str], TargetStats],
                    kept: PerTarget | None = None, drift: DriftHub | None = None,
-                   outcomes: OutcomeHub | None = None) -> RouteTable:
+                   shared: SharedBuckets | None = None, outcomes: OutcomeHub | None = None) -> RouteTable:
     """Build the table from the file's routes and the live state (admin overrides, rollout steps).
     config.load has already checked every reference."""
-    limits = Limits(config.limits.global_, config.limits.per_client)
+    limits = Limits(config.limits.global_, config.limits.per_client, shared)
     kept = kept or PerTarget()
     routes = {}
     for public, spec in config.models.items():
@@ -191,7 +190,7 @@ def compile_routes(config: RoutingConfig, backends: Mapping[str, TritonBackend],
             shadows=tuple(ShadowTarget(targets[s.target], s.rate, s.compare) for s in spec.shadows),
             tracks_outcomes=spec.rollout is not None,
             fallback=RuleSet(spec.fallback) if spec.fallback else None,
-            bucket=bucket(spec.rate_limit) if spec.rate_limit else None,
+            bucket=limits.model(public, spec.rate_limit),
             limited=limits.applies(spec.rate_limit),
             validation=Schemas(spec.validation) if spec.validation else None,
             drift=drift.route(public, spec.drift, {n: (t.backend, t.model, t.version) for n, t in targets.items()})

@@ -121,3 +121,36 @@ def test_an_rsa_key_is_not_an_audit_signing_key(tmp_path):
                                                          serialization.NoEncryption()))
     found = problems(write(tmp_path, GATEWAY + "audit:\n  dir: audit\n  signing_key: key.pem\n"))
     assert any("audit.signing_key" in p and "not an Ed25519 private key" in p for p in found), found
+
+
+REDIS = GATEWAY + "redis:\n  url: redis://127.0.0.1:6379/0\n"
+
+
+@pytest.mark.parametrize("gateway, routing, expected", [
+    (GATEWAY, ROUTING + "limits:\n  global: {rate: 100, burst: 10, scope: global}\n",
+     "routing.yaml:5: limits.global.scope: scope 'global' needs a 'redis' section in the gateway config"),
+    (GATEWAY, ROUTING + "    rate_limit:\n      rate: 5\n      scope: global\n",
+     "routing.yaml:6: models.double.rate_limit.scope: scope 'global' needs a 'redis' section"),
+    (REDIS, ROUTING + "limits:\n  per_client: {rate: 100, burst: 10, lease: 5}\n",
+     "routing.yaml:5: limits.per_client: 'lease' and 'on_redis_down' apply to scope: global only"),
+    (REDIS, ROUTING + "limits:\n  global: {rate: 100, burst: 10, scope: global, lease: 20}\n",
+     "routing.yaml:5: limits.global: lease 20 exceeds burst 10"),
+    (REDIS, ROUTING + "limits:\n  global: {rate: 100, scope: global, on_redis_down: shrug}\n",
+     "routing.yaml:5: limits.global.on_redis_down: Input should be 'fail_open' or 'fail_closed'"),
+    (REDIS, ROUTING + "limits:\n  global: {rate: 100, scope: everywhere}\n",
+     "routing.yaml:5: limits.global.scope: Input should be 'local' or 'global'"),
+    (REDIS.replace("redis://", "http://"), ROUTING, "gateway.yaml:6: redis.url: expected a redis://, rediss:// or unix:// URL"),
+    (REDIS + "  timeout_s: 0\n", ROUTING, "gateway.yaml:7: redis.timeout_s: Input should be greater than 0"),
+])
+def test_bad_global_limits_and_redis_settings_name_file_and_line(tmp_path, gateway, routing, expected):
+    found = problems(write(tmp_path, gateway, routing))
+    assert any(expected in p for p in found), found
+
+
+def test_global_limits_load_with_their_defaults(tmp_path):
+    routing = ROUTING + "    rate_limit: {rate: 1000, burst: 100, scope: global}\nlimits:\n  per_client: {rate: 5, scope: global}\n"
+    loaded = config.load(write(tmp_path, REDIS, routing))
+    assert loaded.gateway.redis.key_prefix == "infergate:" and loaded.gateway.redis.timeout_s == 0.2
+    model = loaded.routing.models["double"].rate_limit
+    assert model.scope == "global" and model.on_redis_down is None and model.lease_size() == 20  # 20 ms of 1000/s
+    assert loaded.routing.limits.per_client.lease_size() == 1                                   # never above burst

@@ -198,6 +198,23 @@ class Audit(Strict):
     capture: Capture = Capture()
 
 
+class Redis(Strict):
+    """A Redis server the gateway's replicas share (docs/scaling.md)."""
+
+    url: str = Field(min_length=1, description="redis://[user:password@]host:port/db, or rediss:// for TLS")
+    key_prefix: str = Field(default="infergate:", description="prefix of every key; one per fleet sharing a server")
+    timeout_s: float = Field(default=0.5, gt=0, le=30, description="connect and per-command timeout")
+
+
+class RouteStateStore(Strict):
+    """Where runtime overrides and rollout progress live: the state file (one gateway and its
+    workers) or Redis (every replica), and the rollout leader lease that goes with Redis."""
+
+    store: Literal["file", "redis"] = "file"
+    lease_s: float = Field(default=5.0, ge=0.3, le=120, description="rollout leader lease (redis): a dead leader's successor takes over within it")
+    check_interval_s: float = Field(default=1.0, gt=0, le=10, description="version check behind the pub/sub notice (redis)")
+
+
 class GatewayConfig(Strict):
     listeners: Listeners = Listeners()
     tls: ServerTls | None = None
@@ -208,6 +225,8 @@ class GatewayConfig(Strict):
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     routing_file: str = "routing.yaml"
     state_file: str = Field(default="", description="runtime overrides; default: <routing file>.state.json beside it")
+    route_state: RouteStateStore = RouteStateStore()
+    redis: Redis | None = None
     backends: dict[str, Backend] = Field(min_length=1)
 
 
@@ -742,6 +761,9 @@ def load(gateway_path: str | Path) -> Loaded:
     gateway_doc = _read(gateway_path)
     gateway = gateway_doc.parse(GatewayConfig)
     problems = _file_problems(gateway_doc, gateway, gateway_path.parent)
+    if gateway.route_state.store == "redis" and gateway.redis is None:
+        problems.append(Problem(gateway_doc.file, gateway_doc.line(("route_state", "store")),
+                                "route_state.store: 'redis' needs a 'redis' section (url)"))
     if problems:
         raise ConfigError(problems)
     # absolute, not resolved: a Kubernetes ConfigMap swaps a symlink, and the link is what to watch

@@ -25,6 +25,7 @@ from gateway.routing.shadow import ShadowDispatcher
 from gateway.security.identity import Authenticator
 from gateway.security.jwt import JwtVerifier
 from gateway.security.tls import ListenerTls, channel_credentials
+from gateway.shared.route_state import open_shared
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ def _shared_dir() -> Path | None:
 
 async def serve(loaded: Loaded, reuse_port: bool, leader: bool, index: int = 0) -> None:
     """Run the gateway until a stop signal, then drain within drain_timeout_s. The leader (the
-    only worker, or worker 0) runs the rollout controller; worker `index` writes audit stream w<index>."""
+    only worker, or worker 0) runs the rollout controller — with route state in Redis, it decides
+    only while it holds the leader lease; worker `index` writes audit stream w<index>."""
     cfg = loaded.gateway
     base = loaded.gateway_path.parent
     metrics = Metrics()
@@ -65,14 +67,21 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool, index: int = 0) 
     shadows.start()
     dataplane = DataPlane(metrics, shadows, audit)
     drift = DriftHub(loaded.routing_path.parent, metrics, leader, _shared_dir())  # its Binners JIT-compile
-    live = LiveRouting(loaded, backends, metrics, dataplane.swap, drift)
-    background = [asyncio.create_task(live.watch()),
+    store, lease = open_shared(cfg, leader)
+    live = LiveRouting(loaded, backends, metrics, dataplane.swap, drift, store)
+    background = [asyncio.create_task(live.watch()), asyncio.create_task(live.follow()),
                   asyncio.create_task(drift.run(lambda: {r.public: r.spec.drift for r in live.table.routes.values()
                                                          if r.spec.drift is not None}))]
+    keeper = None
     if leader:
-        controller = RolloutController(lambda: live.table, lambda: live.states, live.update, on_event=metrics.rollout,
-                                       distance=drift.distance)
+        controller = RolloutController(lambda: live.table, lambda: live.states,
+                                       lambda model, change: live.update(model, change, fence=lease),
+                                       on_event=metrics.rollout, distance=drift.distance,
+                                       leads=(lambda: lease.held) if lease is not None else (lambda: True))
         background.append(asyncio.create_task(controller.run()))
+        if lease is not None:
+            keeper = asyncio.create_task(lease.keep(metrics.leading))
+        metrics.leading(lease is None)
     lifecycle = _Lifecycle(dataplane)
     jwt = JwtVerifier(cfg.auth.jwt, base) if cfg.auth.jwt else None
     if jwt is not None:
@@ -115,6 +124,9 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool, index: int = 0) 
 
     log.info("draining (up to %.1fs)", cfg.drain_timeout_s)
     lifecycle.draining = True
+    if keeper is not None and lease is not None:
+        keeper.cancel()
+        await lease.hand_over()
     await asyncio.gather(grpc_server.stop(cfg.drain_timeout_s), *(r.cleanup() for r in runners))
     for task in background:
         task.cancel()

@@ -11,11 +11,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Awaitable, Callable, Protocol
 
 from gateway.config import Rollout
-from gateway.routing.state import RolloutStatus, RouteState
+from gateway.errors import StateUnavailable
+from gateway.routing.state import Change, RolloutStatus, RouteState
 from gateway.routing.table import Route, RouteTable
+from gateway.shared.lease import LostLease
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +86,15 @@ def gates_for(route: Route, spec: Rollout, distance: Distance | None) -> list[Ga
 
 
 class RolloutController:
-    """Evaluates every route with a rollout on a timer; a change of one route's rollout goes
-    through `update(model, change)`, which persists it and rebuilds the route table."""
+    """Evaluates every route with a rollout on a timer, while `leads()` says this process decides
+    (worker 0; with replicas, the holder of the Redis lease); a change of one route's rollout goes
+    through `update(model, change)`, which persists it (fenced by the lease) and rebuilds the
+    route table. The other processes apply the decision from the shared state."""
 
     def __init__(self, table: Callable[[], RouteTable], states: Callable[[], dict[str, RouteState]],
-                 update: Callable[[str, Callable[[RouteState], RouteState]], None], interval_s: float = 1.0,
+                 update: Callable[[str, Change], Awaitable[None]], interval_s: float = 1.0,
                  on_event: Callable[[str, str, str], None] = lambda model, target, event: None,
-                 distance: Distance | None = None) -> None:
+                 distance: Distance | None = None, leads: Callable[[], bool] = lambda: True) -> None:
         """on_event(model, canary, event): started, advanced, promoted or rolled_back; distance:
         how far apart two targets' predictions are (the drift hub), for the distribution gate."""
         self._distance = distance
@@ -99,23 +103,30 @@ class RolloutController:
         self._update = update
         self.interval_s = interval_s
         self._on_event = on_event
+        self._leads = leads
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
+            if not self._leads():
+                continue
             try:
-                self.tick()
+                await self.tick()
+            except LostLease as e:
+                log.warning("rollout decision not written: %s; the new leader decides", e)
+            except StateUnavailable:
+                pass  # counted and logged by the update; the next tick decides again
             except Exception:  # noqa: BLE001 - the controller must keep running
                 log.exception("rollout tick failed")
 
-    def tick(self) -> None:
+    async def tick(self) -> None:
         for route in list(self._table().routes.values()):
             if route.spec.rollout is None:
                 continue
             state = self._states().get(route.public) or RouteState()
             status = self._next(route, route.spec.rollout, state)
             if status is not None:
-                self._update(route.public, lambda state, status=status: _with_rollout(state, status))
+                await self._update(route.public, lambda state, status=status: _with_rollout(state, status))
                 event = "started" if state.rollout is None else \
                     status.phase if status.phase in ("promoted", "rolled_back") else "advanced"
                 self._on_event(route.public, route.spec.rollout.target, event)

@@ -165,6 +165,15 @@ class Auth(Strict):
     jwt: Jwt | None = None
 
 
+class RouteStateStore(Strict):
+    """Where runtime overrides and rollout progress live: the state file (one gateway and its
+    workers) or Redis (every replica), and the rollout leader lease that goes with Redis."""
+
+    store: Literal["file", "redis"] = "file"
+    lease_s: float = Field(default=5.0, ge=0.3, le=120, description="rollout leader lease (redis): a dead leader's successor takes over within it")
+    check_interval_s: float = Field(default=1.0, gt=0, le=10, description="version check behind the pub/sub notice (redis)")
+
+
 class Capture(Strict):
     """Payload capture: a sampled share of requests keep their tensors in the audit record, with
     the named inputs, outputs and request parameters redacted (their digests stay)."""
@@ -198,21 +207,22 @@ class Audit(Strict):
     capture: Capture = Capture()
 
 
-class Redis(Strict):
-    """A Redis server the gateway's replicas share (docs/scaling.md)."""
+class RedisSpec(Strict):
+    """The Redis server gateway replicas share state through: global rate limits and drift counts.
+    A call slower than timeout_s counts as Redis down; while down, one PING every retry_s."""
 
-    url: str = Field(min_length=1, description="redis://[user:password@]host:port/db, or rediss:// for TLS")
-    key_prefix: str = Field(default="infergate:", description="prefix of every key; one per fleet sharing a server")
-    timeout_s: float = Field(default=0.5, gt=0, le=30, description="connect and per-command timeout")
+    url: str = Field(description="redis://[user:password@]host:port/db, rediss:// for TLS, or unix:///path")
+    key_prefix: str = Field(default="infergate:", description="every key starts with this: one per deployment")
+    connect_timeout_s: float = Field(default=0.5, gt=0)
+    timeout_s: float = Field(default=0.2, gt=0)
+    retry_s: float = Field(default=1.0, gt=0)
 
-
-class RouteStateStore(Strict):
-    """Where runtime overrides and rollout progress live: the state file (one gateway and its
-    workers) or Redis (every replica), and the rollout leader lease that goes with Redis."""
-
-    store: Literal["file", "redis"] = "file"
-    lease_s: float = Field(default=5.0, ge=0.3, le=120, description="rollout leader lease (redis): a dead leader's successor takes over within it")
-    check_interval_s: float = Field(default=1.0, gt=0, le=10, description="version check behind the pub/sub notice (redis)")
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {v!r}")
+        return v
 
 
 class GatewayConfig(Strict):
@@ -224,9 +234,9 @@ class GatewayConfig(Strict):
     drain_timeout_s: float = Field(default=10.0, ge=0)
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     routing_file: str = "routing.yaml"
+    redis: RedisSpec | None = None
     state_file: str = Field(default="", description="runtime overrides; default: <routing file>.state.json beside it")
     route_state: RouteStateStore = RouteStateStore()
-    redis: Redis | None = None
     backends: dict[str, Backend] = Field(min_length=1)
 
 

@@ -45,7 +45,7 @@ def test_good_files_load_with_defaults(tmp_path):
 
 def test_route_state_in_redis_loads_with_defaults(tmp_path):
     gateway = config.load(write(tmp_path, GATEWAY + "redis: {url: redis://r:6379/0}\nroute_state: {store: redis}\n")).gateway
-    assert gateway.redis is not None and gateway.redis.key_prefix == "infergate:" and gateway.redis.timeout_s == 0.5
+    assert gateway.redis is not None and gateway.redis.key_prefix == "infergate:" and gateway.redis.timeout_s == 0.2
     assert gateway.route_state.lease_s == 5.0 and gateway.route_state.check_interval_s == 1.0
     assert config.load(write(tmp_path)).gateway.route_state.store == "file"
 

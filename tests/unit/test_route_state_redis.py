@@ -21,7 +21,7 @@ TTL_S = 0.3
 
 @pytest.fixture
 def client(redis_server):
-    return connect(config.Redis(url=redis_server.url, timeout_s=0.5))
+    return connect(config.RedisSpec(url=redis_server.url, timeout_s=0.5))
 
 
 def store(client) -> RedisRouteState:
@@ -85,7 +85,7 @@ def test_concurrent_updates_from_many_writers_lose_nothing(client, redis_server)
         return change
 
     def writer(w: int) -> None:
-        mine = store(connect(config.Redis(url=redis_server.url)))
+        mine = store(connect(config.RedisSpec(url=redis_server.url)))
         for i in range(20):
             mine.update("m", add(f"{w}-{i}"))
 

@@ -34,8 +34,9 @@ class RedisRouteState:
         self.version_key = f"{self.key}:version"
         self.channel = f"{self.key}:changed"
         self.poll_s = poll_s
-        where = client.connection_pool.connection_kwargs
-        self.where = f"Redis {where.get('host', where.get('path'))}:{where.get('port', '')} key {self.key}"
+        server = client.connection_pool.connection_kwargs   # host and port, or a unix socket's path
+        address = server.get("path") or f"{server.get('host')}:{server.get('port')}"
+        self.where = f"Redis {address} key {self.key}"
         self._known: dict[str, RouteState] = {}   # the last states read or written here
         self._pubsub: PubSub | None = None
 

@@ -166,6 +166,15 @@ class Auth(Strict):
     jwt: Jwt | None = None
 
 
+class RouteStateStore(Strict):
+    """Where runtime overrides and rollout progress live: the state file (one gateway and its
+    workers) or Redis (every replica), and the rollout leader lease that goes with Redis."""
+
+    store: Literal["file", "redis"] = "file"
+    lease_s: float = Field(default=5.0, ge=0.3, le=120, description="rollout leader lease (redis): a dead leader's successor takes over within it")
+    check_interval_s: float = Field(default=1.0, gt=0, le=10, description="version check behind the pub/sub notice (redis)")
+
+
 class Capture(Strict):
     """Payload capture: a sampled share of requests keep their tensors in the audit record, with
     the named inputs, outputs and request parameters redacted (their digests stay)."""
@@ -246,6 +255,7 @@ class GatewayConfig(Strict):
     routing_file: str = "routing.yaml"
     redis: RedisSpec | None = None
     state_file: str = Field(default="", description="runtime overrides; default: <routing file>.state.json beside it")
+    route_state: RouteStateStore = RouteStateStore()
     backends: dict[str, Backend] = Field(min_length=1)
 
 
@@ -900,6 +910,9 @@ def load(gateway_path: str | Path) -> Loaded:
     gateway_doc = _read(gateway_path)
     gateway = gateway_doc.parse(GatewayConfig)
     problems = _file_problems(gateway_doc, gateway, gateway_path.parent)
+    if gateway.route_state.store == "redis" and gateway.redis is None:
+        problems.append(Problem(gateway_doc.file, gateway_doc.line(("route_state", "store")),
+                                "route_state.store: 'redis' needs a 'redis' section (url)"))
     if problems:
         raise ConfigError(problems)
     # absolute, not resolved: a Kubernetes ConfigMap swaps a symlink, and the link is what to watch

@@ -62,6 +62,11 @@ class Unavailable(GatewayError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class StateUnavailable(Unavailable):
+    """The route state store (state file or Redis) cannot be read or written: admin changes and
+    rollout steps are refused, the last known state stays in force."""
+
+
 class Unauthenticated(GatewayError):
     """No usable credentials: none sent where the policy needs some, or a token that fails checks."""
 

@@ -29,6 +29,7 @@ from gateway.security.identity import Authenticator
 from gateway.security.jwt import JwtVerifier
 from gateway.security.tls import ListenerTls, channel_credentials
 from gateway.shared.link import RedisLink
+from gateway.shared.route_state import open_shared
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def _shared_dir() -> Path | None:
 
 async def serve(loaded: Loaded, reuse_port: bool, leader: bool, index: int = 0) -> None:
     """Run the gateway until a stop signal, then drain within drain_timeout_s. The leader (the
-    only worker, or worker 0) runs the rollout controller; worker `index` writes audit stream w<index>."""
+    only worker, or worker 0) runs the rollout controller — with route state in Redis, it decides
+    only while it holds the leader lease; worker `index` writes audit stream w<index>."""
     cfg = loaded.gateway
     base = loaded.gateway_path.parent
     metrics = Metrics()
@@ -72,16 +74,25 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool, index: int = 0) 
     drift = DriftHub(loaded.routing_path.parent, metrics, leader, _shared_dir(),  # its Binners JIT-compile
                      replicas=ReplicaMerge(redis) if redis and leader else None)
     outcomes = OutcomeHub(cfg.outcomes, base, metrics.outcomes) if cfg.outcomes else None
-    live = LiveRouting(loaded, backends, metrics, dataplane.swap, drift,
+    store, lease = open_shared(cfg, leader)
+    live = LiveRouting(loaded, backends, metrics, dataplane.swap, drift, store,
                        shared=SharedBuckets(redis, metrics.limit_decided_without_redis) if redis else None,
                        outcomes=outcomes)
-    background = [asyncio.create_task(live.watch()),
+    background = [asyncio.create_task(live.watch()), asyncio.create_task(live.follow()),
                   asyncio.create_task(drift.run(lambda: {r.public: r.spec.drift for r in live.table.routes.values()
                                                          if r.spec.drift is not None}))]
+    keeper = None
     if leader:
-        controller = RolloutController(lambda: live.table, lambda: live.states, live.update, on_event=metrics.rollout,
-                                       distance=drift.distance)
+        controller = RolloutController(lambda: live.table, lambda: live.states,
+                                       lambda model, change: live.update(model, change, fence=lease),
+                                       on_event=metrics.rollout, distance=drift.distance,
+                                       outcomes=outcomes.arms if outcomes else None,
+                                       on_test=outcomes.reported if outcomes else None,
+                                       leads=(lambda: lease.held) if lease is not None else (lambda: True))
         background.append(asyncio.create_task(controller.run()))
+        if lease is not None:
+            keeper = asyncio.create_task(lease.keep(metrics.leading))
+        metrics.leading(lease is None)
     lifecycle = _Lifecycle(dataplane)
     jwt = JwtVerifier(cfg.auth.jwt, base) if cfg.auth.jwt else None
     if jwt is not None:
@@ -124,6 +135,9 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool, index: int = 0) 
 
     log.info("draining (up to %.1fs)", cfg.drain_timeout_s)
     lifecycle.draining = True
+    if keeper is not None and lease is not None:
+        keeper.cancel()
+        await lease.hand_over()
     await asyncio.gather(grpc_server.stop(cfg.drain_timeout_s), *(r.cleanup() for r in runners))
     for task in background:
         task.cancel()

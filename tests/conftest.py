@@ -100,25 +100,42 @@ class OwnTriton(Triton):
         subprocess.run([str(TRITON_SCRIPT), "start", *self.args], env=self.env, check=True, timeout=120)
 
 
-@pytest.fixture
-def spawn_triton() -> Iterator[Callable[..., OwnTriton]]:
-    """Start Tritons of a test's own, on free ports, with extra tritonserver flags and optionally
-    a model repository of their own (models); all are stopped at teardown."""
-    started: list[OwnTriton] = []
+class TritonSpawner:
+    """Starts Tritons of a test's (or a module's) own, on free ports, with extra tritonserver flags
+    and optionally a model repository of their own (models); stop_all() at teardown."""
 
-    def spawn(*args: str, models: Path | None = None) -> OwnTriton:
+    def __init__(self) -> None:
+        self.started: list[OwnTriton] = []
+
+    def __call__(self, *args: str, models: Path | None = None) -> OwnTriton:
         ports = free_port(), free_port(), free_port()
         env = dict(os.environ, TRITON_HTTP_PORT=str(ports[0]), TRITON_GRPC_PORT=str(ports[1]), TRITON_METRICS_PORT=str(ports[2]))
         if models is not None:
             env["TRITON_MODELS"] = str(models)
         t = OwnTriton(*ports, env=env, args=args)
         t.start()
-        started.append(t)
+        self.started.append(t)
         return t
 
-    yield spawn
-    for t in started:
-        subprocess.run([str(TRITON_SCRIPT), "stop"], env=t.env, check=False, timeout=60)
+    def stop_all(self) -> None:
+        for t in self.started:
+            subprocess.run([str(TRITON_SCRIPT), "stop"], env=t.env, check=False, timeout=60)
+
+
+@pytest.fixture
+def spawn_triton() -> Iterator[Callable[..., OwnTriton]]:
+    """Tritons of the test's own (TritonSpawner), stopped at teardown."""
+    spawner = TritonSpawner()
+    yield spawner
+    spawner.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_spawn_triton() -> Iterator[Callable[..., OwnTriton]]:
+    """Tritons shared by a module's tests (TritonSpawner), stopped after the module."""
+    spawner = TritonSpawner()
+    yield spawner
+    spawner.stop_all()
 
 
 @dataclass

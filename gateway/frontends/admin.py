@@ -2,9 +2,10 @@
 probes), and the routing admin API (only for callers an access rule grants `admin`).
 
 Routing changes made here are runtime overrides, not edits of routing.yaml: they are kept in
-the state file (`state_file`, by default `<routing file>.state.json`) so every worker applies
-them, shown as overrides by `GET /admin/routes` and `infergate routes`, and dropped for a route
-when its entry in the routing file changes.
+the route state store — the state file (`state_file`, by default `<routing file>.state.json`),
+or Redis shared by every replica (`route_state.store: redis`) — so every worker and replica
+applies them, shown as overrides by `GET /admin/routes` and `infergate routes`, and dropped for a
+route when its entry in the routing file changes. A store that cannot be written answers 503.
 """
 from __future__ import annotations
 
@@ -86,11 +87,9 @@ def app(is_ready: Callable[[], bool], live: LiveRouting, authenticator: Authenti
             body = orjson.loads(await request.read() or b"{}")
             if not isinstance(body, dict):
                 raise _BadRequest("body must be a JSON object")
-            live.update(model, lambda state: _apply(route, state, action, body))
+            await live.update(model, lambda state: _apply(route, state, action, body))
         except (orjson.JSONDecodeError, _BadRequest) as e:
             return json_response({"error": str(e)}, 400)
-        except OSError as e:
-            return json_response({"error": f"cannot persist the change to {live.state_file.path}: {e}"}, 503)
         return json_response(describe(live.table.routes[model], live.states.get(model)))
 
     async def manifests(request: web.Request) -> web.Response:

@@ -56,6 +56,15 @@ class Metrics:
         self.retries = Counter("infergate_backend_retries_total", "Retries on another replica: sent, or refused as over the retry budget",
                                ["backend", "result"])
         self.reloads = Counter("infergate_config_reloads_total", "Routing reloads by result (ok, rejected)", ["result"])
+        self.route_state_errors = Counter("infergate_route_state_errors_total",
+                                          "Route state store failures: load (reads kept the last known state) or update "
+                                          "(an admin change or rollout step refused)", ["op"])
+        self.route_state_store_up = Gauge("infergate_route_state_store_up",
+                                          "1 while the route state store (state file or Redis) answers, 0 while the last known state is kept",
+                                          multiprocess_mode="livemin")
+        self.rollout_leader = Gauge("infergate_rollout_leader",
+                                    "1 in the process whose rollout controller decides (worker 0, holding the Redis lease if shared)",
+                                    multiprocess_mode="livemax")
         self.decisions = Counter("infergate_access_decisions_total", "Access decisions by principal, model, action and result",
                                  ["principal", "model", "action", "decision"])
         self.violations = Counter("infergate_validation_violations_total",
@@ -174,6 +183,14 @@ class Metrics:
 
     def limit_decided_without_redis(self, scope: str, decision: str) -> None:
         self.limit_degraded.labels(scope, decision).inc()
+    def route_state_error(self, op: str) -> None:
+        self.route_state_errors.labels(op).inc()
+
+    def route_state_up(self, up: bool) -> None:
+        self.route_state_store_up.set(1 if up else 0)
+
+    def leading(self, leader: bool) -> None:
+        self.rollout_leader.set(1 if leader else 0)
 
     def rollout(self, model: str, target: str, event: str) -> None:
         self.rollout_events.labels(model, target, event).inc()

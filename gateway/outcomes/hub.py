@@ -2,16 +2,18 @@
 adds to the quality counters (per target and version, and per declared segment value)."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway import config
 from gateway.observability.metrics import OutcomeMetrics
 from gateway.outcomes import quality
 from gateway.outcomes.recorder import Recorder
 from gateway.outcomes.records import Joined
+from gateway.outcomes.sequential import Arm, Decision
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from gateway.routing.table import Route
 
 
 def store_url(spec: config.OutcomeStore, base: Path) -> str:
@@ -65,6 +67,22 @@ class OutcomeHub:
             for name, outcome in f.business.items():
                 m.business.labels(*labels, name).inc(outcome)
                 m.business_count.labels(*labels, name).inc()
+
+    def arms(self, route: "Route", canary: str, primary: str, since: float) -> tuple[Arm, Arm] | None:
+        """The A/B test's evidence: the test outcome over each target's answers since `since`
+        (blocking SQL: the rollout controller calls it in a thread). None until both arms have some."""
+        test = route.spec.outcomes.test if route.spec.outcomes is not None else None
+        if test is None:
+            return None
+        a, b = (self.store.arm_stats(route.public, target, test.outcome, since) for target in (canary, primary))
+        if not a.n or not b.n:
+            return None
+        return Arm(a.n, a.sum, a.sum_sq), Arm(b.n, b.sum, b.sum_sq)
+
+    def reported(self, model: str, canary: str, outcome: str, decision: Decision) -> None:
+        """Export one look of an A/B test: its confidence sequence and verdict."""
+        verdict = {"not_worse": 1, "undecided": 0, "worse": -1}[decision.verdict]
+        self.metrics.ab(model, canary, outcome, decision.lower, decision.estimate, decision.upper, verdict)
 
     def close(self) -> None:
         """Write every queued prediction, then stop the store's writer."""

@@ -14,12 +14,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol
+from typing import Awaitable, Callable, Protocol
 
 from gateway.config import OutcomeTest, Rollout
+from gateway.errors import StateUnavailable
 from gateway.outcomes.sequential import Arm, Decision, decide
-from gateway.routing.state import RolloutStatus, RouteState
+from gateway.routing.state import Change, RolloutStatus, RouteState
 from gateway.routing.table import Route, RouteTable, Target
+from gateway.shared.lease import LostLease
 
 log = logging.getLogger(__name__)
 
@@ -111,28 +113,36 @@ ArmsFor = Callable[[Route, str, str], tuple[Arm, Arm] | None]  # (route, canary,
 FetchArms = Callable[[Route, str, str, float], tuple[Arm, Arm] | None]  # (route, canary, baseline, since), blocking
 
 
+Report = Callable[[str, str, str, Decision], None]  # (model, canary, outcome, decision): each look of an A/B test
+
+
 def gates_for(route: Route, spec: Rollout, distance: Distance | None, arms: ArmsFor | None = None,
-              report: Callable[[str, str, Decision], None] | None = None) -> list[Gate]:
+              report: Report | None = None) -> list[Gate]:
     gates: list[Gate] = [ErrorRateGate(spec.max_error_rate_increase), LatencyGate(spec.max_p99_ratio)]
     drift = route.spec.drift
     if drift is not None and drift.max_distribution_js is not None and distance is not None:
         gates.append(DistributionGate(drift.max_distribution_js, lambda a, b: distance(route.public, a, b)))
     outcomes = route.spec.outcomes
-    if outcomes is not None and outcomes.test is not None and arms is not None:
-        gates.append(OutcomeGate(outcomes.test, lambda a, b: arms(route, a, b),
-                                 (lambda canary, d: report(route.public, canary, d)) if report else lambda c, d: None))
+    test = outcomes.test if outcomes is not None else None
+    if test is not None and arms is not None:
+        gates.append(OutcomeGate(test, lambda a, b: arms(route, a, b),
+                                 (lambda canary, d: report(route.public, canary, test.outcome, d)) if report
+                                 else lambda canary, d: None))
     return gates
 
 
 class RolloutController:
-    """Evaluates every route with a rollout on a timer; a change of one route's rollout goes
-    through `update(model, change)`, which persists it and rebuilds the route table."""
+    """Evaluates every route with a rollout on a timer, while `leads()` says this process decides
+    (worker 0; with replicas, the holder of the Redis lease); a change of one route's rollout goes
+    through `update(model, change)`, which persists it (fenced by the lease) and rebuilds the
+    route table. The other processes apply the decision from the shared state."""
 
     def __init__(self, table: Callable[[], RouteTable], states: Callable[[], dict[str, RouteState]],
-                 update: Callable[[str, Callable[[RouteState], RouteState]], None], interval_s: float = 1.0,
+                 update: Callable[[str, Change], Awaitable[None]], interval_s: float = 1.0,
                  on_event: Callable[[str, str, str], None] = lambda model, target, event: None,
                  distance: Distance | None = None, outcomes: FetchArms | None = None,
-                 on_test: Callable[[str, str, Decision], None] | None = None) -> None:
+                 on_test: Report | None = None,
+                 leads: Callable[[], bool] = lambda: True) -> None:
         """on_event(model, canary, event): started, advanced, held, promoted or rolled_back; distance:
         how far apart two targets' predictions are (the drift hub), for the distribution gate;
         outcomes: the joined outcomes of two targets since a time (the join store, read in a
@@ -145,12 +155,19 @@ class RolloutController:
         self._update = update
         self.interval_s = interval_s
         self._on_event = on_event
+        self._leads = leads
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
+            if not self._leads():
+                continue
             try:
-                self.tick(await self._arms())
+                await self.tick()
+            except LostLease as e:
+                log.warning("rollout decision not written: %s; the new leader decides", e)
+            except StateUnavailable:
+                pass  # counted and logged by the update; the next tick decides again
             except Exception:  # noqa: BLE001 - the controller must keep running
                 log.exception("rollout tick failed")
 
@@ -168,9 +185,9 @@ class RolloutController:
         found = await asyncio.gather(*(asyncio.to_thread(fetch, *w) for w in wanted))
         return {(w[0].public, w[1], w[2]): arms for w, arms in zip(wanted, found) if arms is not None}
 
-    def tick(self, arms: Mapping[tuple[str, str, str], tuple[Arm, Arm]] | None = None) -> None:
-        """One look at every rollout; arms: the A/B evidence by (model, canary, primary)."""
-        evidence = arms or {}
+    async def tick(self) -> None:
+        """One look at every rollout, with the A/B evidence of those that test outcomes."""
+        evidence = await self._arms()
         fetched: ArmsFor | None = (lambda route, a, b: evidence.get((route.public, a, b))) if self._fetch else None
         for route in list(self._table().routes.values()):
             if route.spec.rollout is None:
@@ -178,7 +195,7 @@ class RolloutController:
             state = self._states().get(route.public) or RouteState()
             status = self._next(route, route.spec.rollout, state, fetched)
             if status is not None:
-                self._update(route.public, lambda state, status=status: _with_rollout(state, status))
+                await self._update(route.public, lambda state, status=status: _with_rollout(state, status))
                 event = "started" if state.rollout is None else \
                     status.phase if status.phase in ("promoted", "rolled_back") else \
                     "held" if status.step == state.rollout.step else "advanced"

@@ -1,6 +1,7 @@
 """Live routing state that is not in the routing file: admin overrides and rollout progress,
-kept in a small JSON file beside the routing file so every worker applies the same state, and
-per-target outcome windows that the rollout gates read."""
+kept in a store every worker (and, with Redis, every replica) reads — a small JSON file beside the
+routing file here, Redis in `gateway/shared/route_state.py` — and per-target outcome windows that
+the rollout gates read."""
 from __future__ import annotations
 
 import fcntl
@@ -10,14 +11,20 @@ import math
 import os
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Literal, Protocol
 
 from gateway.config import Route as RouteSpec
+from gateway.errors import StateUnavailable
+
+if TYPE_CHECKING:
+    from gateway.shared.lease import Lease
 
 RolloutPhase = Literal["progressing", "promoted", "rolled_back"]
 Signature = tuple[int, int, int] | None   # (inode, mtime ns, size): a file changed when this does
+Change = Callable[["RouteState"], "RouteState"]
 
 
 @dataclass
@@ -84,39 +91,85 @@ def rollout_weights(file_weights: dict[str, int], canary: str, percent: int) -> 
     return out
 
 
+def decode_state(doc: dict) -> RouteState:
+    """One route's state from its JSON form (`dataclasses.asdict` of a RouteState)."""
+    return RouteState(weights_override=doc.get("weights_override"), active=doc.get("active"),
+                      rollout=RolloutStatus(**doc["rollout"]) if doc.get("rollout") else None,
+                      versions=doc.get("versions"), spec_hash=doc.get("spec_hash", ""))
+
+
+class StateStore(Protocol):
+    """Where route states are saved and shared. Every call may block (file lock, network): the
+    gateway makes them off the event loop. Failures raise StateUnavailable."""
+
+    where: str          # for messages: the file, or the Redis server and key
+    poll_s: float       # how long wait() waits at most
+
+    def load(self) -> dict[str, RouteState]:
+        """The saved states."""
+
+    def update(self, model: str, change: Change, fence: "Lease | None" = None) -> dict[str, RouteState]:
+        """Apply change to one route's saved state atomically; all states after. With a fence,
+        write only while that lease is still held (else raise LostLease)."""
+
+    def replace(self, states: dict[str, RouteState]) -> None:
+        """Write these states whole."""
+
+    def version(self) -> Hashable:
+        """Cheap: a value that changes whenever the saved states do."""
+
+    def wait(self) -> None:
+        """Return on a change notice, or after poll_s at most."""
+
+
 class StateFile:
     """Route states as JSON; every change is a read-modify-write of one route under an exclusive
-    lock, so workers changing different routes (or the same one) never lose each other's writes."""
+    lock, so workers changing different routes (or the same one) never lose each other's writes.
+    One gateway's workers share it; there is no leader lease to fence with (worker 0 leads)."""
+
+    poll_s = 0.25
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.where = f"state file {path}"
         self._lock_path = path.with_name(f".{path.name}.lock")
 
     def load(self) -> dict[str, RouteState]:
-        """The saved states; an unreadable or malformed file counts as empty (and is logged by the caller)."""
+        """The saved states; none when there is no file yet."""
         try:
-            raw = json.loads(self.path.read_text())
-            return {name: RouteState(weights_override=s.get("weights_override"), active=s.get("active"),
-                                     rollout=RolloutStatus(**s["rollout"]) if s.get("rollout") else None,
-                                     versions=s.get("versions"), spec_hash=s.get("spec_hash", ""))
-                    for name, s in raw.items()}
+            return {name: decode_state(s) for name, s in json.loads(self.path.read_text()).items()}
         except FileNotFoundError:
             return {}
+        except (OSError, ValueError, TypeError) as e:
+            raise StateUnavailable(f"{self.where} is unreadable: {e}") from e
 
-    def update(self, model: str, change: Callable[[RouteState], RouteState]) -> dict[str, RouteState]:
+    def update(self, model: str, change: Change, fence: "Lease | None" = None) -> dict[str, RouteState]:
         """Apply change to one route's saved state, atomically across processes; all states after."""
-        with open(self._lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self._locked():
             states = self.load()
             states[model] = change(states.get(model) or RouteState())
             self._write(states)
         return states
 
     def replace(self, states: dict[str, RouteState]) -> None:
-        """Write these states whole (after a reload dropped stale ones)."""
-        with open(self._lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        """Write these states whole."""
+        with self._locked():
             self._write(states)
+
+    def version(self) -> Signature:
+        return signature(self.path)
+
+    def wait(self) -> None:
+        time.sleep(self.poll_s)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            with open(self._lock_path, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                yield
+        except OSError as e:
+            raise StateUnavailable(f"cannot persist the change to {self.path}: {e}") from e
 
     def _write(self, states: dict[str, RouteState]) -> None:
         doc = {name: asdict(s) for name, s in states.items() if not s.is_empty()}

@@ -43,6 +43,13 @@ def test_good_files_load_with_defaults(tmp_path):
     assert loaded.routing.models["double"].target.version == ""
 
 
+def test_route_state_in_redis_loads_with_defaults(tmp_path):
+    gateway = config.load(write(tmp_path, GATEWAY + "redis: {url: redis://r:6379/0}\nroute_state: {store: redis}\n")).gateway
+    assert gateway.redis is not None and gateway.redis.key_prefix == "infergate:" and gateway.redis.timeout_s == 0.2
+    assert gateway.route_state.lease_s == 5.0 and gateway.route_state.check_interval_s == 1.0
+    assert config.load(write(tmp_path)).gateway.route_state.store == "file"
+
+
 def test_shipped_example_configs_are_valid():
     loaded = config.load(Path(__file__).parents[2] / "configs" / "gateway.yaml")
     assert set(loaded.routing.models) >= {"double", "classifier"}
@@ -65,6 +72,9 @@ def test_shipped_example_configs_are_valid():
      "routing.yaml:3: models.double.target.version: version must be a positive integer"),
     (GATEWAY, "models:\n  double:\n    targt: {backend: triton, model: double}\n", "routing.yaml:3: models.double.targt: unknown key"),
     (GATEWAY.replace("routing.yaml", "missing.yaml"), ROUTING, "gateway.yaml:4: routing_file: no such file"),
+    (GATEWAY + "route_state:\n  store: redis\n", ROUTING, "gateway.yaml:6: route_state.store: 'redis' needs a 'redis' section"),
+    (GATEWAY + "route_state: {store: etcd}\n", ROUTING, "gateway.yaml:5: route_state.store: Input should be 'file' or 'redis'"),
+    (GATEWAY + "redis: {url: redis://r:6379/0, timeout_s: 0}\n", ROUTING, "gateway.yaml:5: redis.timeout_s: Input should be greater than 0"),
 ])
 def test_each_error_kind_names_file_line_and_reason(tmp_path, gateway, routing, expected):
     found = problems(write(tmp_path, gateway, routing))

@@ -2,6 +2,7 @@
 admin actions and shadow comparison: pure logic, no network."""
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 
@@ -128,9 +129,12 @@ class Harness:
         self.table = table(ROLLOUT, self.states, self.stats)
         self.controller = RolloutController(lambda: self.table, lambda: self.states, self.update)
 
-    def update(self, model: str, change) -> None:
+    async def update(self, model: str, change) -> None:
         self.states = {**self.states, model: change(self.states.get(model) or RouteState())}
         self.table = table(ROLLOUT, self.states, self.stats)
+
+    def tick(self) -> None:
+        asyncio.run(self.controller.tick())
 
     def feed(self, target: str, n: int, ok: bool = True, seconds: float = 0.01) -> None:
         for _ in range(n):
@@ -142,30 +146,30 @@ class Harness:
 
 def test_rollout_advances_while_gates_hold_then_promotes():
     h = Harness()
-    h.controller.tick()
+    h.tick()
     assert h.table.resolve("m").targets["canary"].weight == 10
     h.feed("stable", 200)
     h.feed("canary", 30)
-    h.controller.tick()
+    h.tick()
     assert h.states["m"].rollout.step == 0, "dwell not over yet"
     h.age_step(10)
-    h.controller.tick()
+    h.tick()
     assert h.table.resolve("m").targets["canary"].weight == 50
     for _ in range(2):
         h.feed("stable", 100)
         h.feed("canary", 30)
         h.age_step(10)
-        h.controller.tick()
+        h.tick()
     assert h.states["m"].rollout.phase == "promoted" and h.table.resolve("m").targets["canary"].weight == 100
 
 
 @pytest.mark.parametrize("ok, seconds, reason", [(False, 0.01, "error rate"), (True, 0.5, "p99 latency")])
 def test_rollout_rolls_back_on_errors_or_latency(ok, seconds, reason):
     h = Harness()
-    h.controller.tick()
+    h.tick()
     h.feed("stable", 200)
     h.feed("canary", 25, ok=ok, seconds=seconds)
-    h.controller.tick()
+    h.tick()
     status = h.states["m"].rollout
     assert status.phase == "rolled_back" and reason in status.reason
     assert h.table.resolve("m").targets["canary"].weight == 0

@@ -1,5 +1,5 @@
 """`infergate serve | check-config | routes | registry publish|promote|keygen|sync|rollback |
-audit verify|query|purge|keygen | drift profile | report segments`: argument parsing only; the work lives in the rooms."""
+audit verify|query|purge|keygen | drift profile | report segments | model-card | retrain verify`: argument parsing only; the work lives in the rooms."""
 from __future__ import annotations
 
 import argparse
@@ -47,13 +47,22 @@ def main(argv: list[str] | None = None) -> int:
 
     add_profile_arguments(profile)
     report = sub.add_parser("report", help="reports over joined outcomes").add_subparsers(dest="report_command", required=True)
-    from gateway.outcomes.tools import add_report_arguments, report_command
+    from gateway.outcomes.tools import add_card_arguments, add_report_arguments, card_command, report_command
 
     add_report_arguments(report)
+    add_card_arguments(sub.add_parser("model-card", help="a version's model card: registry manifest and live figures"))
+    retrain = sub.add_parser("retrain", help="retrain signal tools").add_subparsers(dest="retrain_command", required=True)
+    from gateway.outcomes.retrain import add_retrain_arguments, retrain_command
+
+    add_retrain_arguments(retrain)
     args = parser.parse_args(argv)
 
     if args.command == "report":
         return report_command(args)
+    if args.command == "model-card":
+        return card_command(args)
+    if args.command == "retrain":
+        return retrain_command(args)
     if args.command == "drift":
         return profile_command(args)
     if args.command == "audit":

@@ -571,6 +571,14 @@ class Retrain(Strict):
     signing_key: str = Field(default="", description="Ed25519 private key (PEM), relative to the routing file")
     interval_s: float = Field(default=10.0, gt=0, description="how often the evidence is read")
 
+    @model_validator(mode="after")
+    def _signed(self) -> "Retrain":
+        if self.webhook is not None and not self.signing_key:
+            raise ValueError("a retrain webhook needs a signing_key (receivers verify the body with its public key)")
+        if not self.drift and self.quality is None:
+            raise ValueError("retrain needs evidence: drift: true, a quality section, or both")
+        return self
+
 
 class Outcomes(Strict):
     """Remember each answer so that outcomes posted later join to it: online quality, business
@@ -591,6 +599,11 @@ class Outcomes(Strict):
                              f"({', '.join(self.business) or 'none declared'})")
         if self.test is not None and self.test.outcome == "label" and self.task == "none":
             raise ValueError("test.outcome 'label' needs a task (classifier or regressor)")
+        quality = self.retrain.quality if self.retrain is not None else None
+        fits = {"classifier": ("accuracy", "log_loss"), "regressor": ("mae", "rmse"), "none": ()}[self.task]
+        if quality is not None and quality.metric not in fits:
+            raise ValueError(f"retrain.quality.metric {quality.metric!r} does not apply to task {self.task!r} "
+                             f"(it takes: {', '.join(fits) or 'none'})")
         if self.test is not None and self.test.outcome == "label" and self.task == "regressor" and self.test.higher_is_better:
             raise ValueError("a regressor's 'label' test compares absolute errors: set test.higher_is_better: false")
         return self

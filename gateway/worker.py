@@ -21,6 +21,7 @@ from gateway.frontends import grpc as grpc_frontend
 from gateway.frontends.http import HttpFrontend
 from gateway.observability.metrics import Metrics
 from gateway.outcomes.hub import OutcomeHub
+from gateway.outcomes.watch import RetrainWatch
 from gateway.resilience.leases import SharedBuckets
 from gateway.routing.live import LiveRouting
 from gateway.routing.rollout import RolloutController
@@ -90,6 +91,10 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool, index: int = 0) 
                                        on_test=outcomes.reported if outcomes else None,
                                        leads=(lambda: lease.held) if lease is not None else (lambda: True))
         background.append(asyncio.create_task(controller.run()))
+        if outcomes is not None:
+            retrain = RetrainWatch(outcomes, drift.alerts, loaded.routing_path.parent,
+                                   audit.event if audit is not None else None, controller.leads)
+            background.append(asyncio.create_task(retrain.run(lambda: live.table.routes.values())))
         if lease is not None:
             keeper = asyncio.create_task(lease.keep(metrics.leading))
         metrics.leading(lease is None)
@@ -141,6 +146,7 @@ async def serve(loaded: Loaded, reuse_port: bool, leader: bool, index: int = 0) 
     await asyncio.gather(grpc_server.stop(cfg.drain_timeout_s), *(r.cleanup() for r in runners))
     for task in background:
         task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)  # each task's own cleanup runs (retrain webhooks)
     await shadows.close()
     if audit is not None:
         await asyncio.to_thread(audit.close, cfg.drain_timeout_s)  # the last records, fsynced and sealed

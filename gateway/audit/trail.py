@@ -152,6 +152,16 @@ class RefusedEntry:
         }
 
 
+@dataclass(slots=True)
+class EventEntry:
+    """A gateway event recorded as raised (a retrain signal): the record is already rendered."""
+
+    record: dict[str, Any]
+
+    def render(self) -> dict[str, Any]:
+        return self.record
+
+
 class Auditor:
     """The request path's handle on the audit log: `admit` before the work (fail_closed refuses
     when the log cannot take the record), `infer`/`shadow`/`refused` after it (never blocks)."""
@@ -212,6 +222,10 @@ class Auditor:
                 headers: Mapping[str, str]) -> None:
         """Queue the record of a request refused before it could be read."""
         self._append(RefusedEntry(time.time(), trace, model, protocol, client, error, request_id, self.subject(headers)), 0)
+
+    def event(self, record: dict[str, Any]) -> None:
+        """Queue the record of a gateway event (its "type" names it), e.g. a retrain signal."""
+        self._append(EventEntry(record), 0)
 
     def subject(self, headers: Mapping[str, str]) -> str:
         return (headers.get(self.subject_header) or "") if self.subject_header else ""

@@ -101,6 +101,7 @@ class DriftHub:
         self._profiles: dict[Path, tuple[float, Profile]] = {}
         self.merged: dict[Key, Counts] = {}
         self._alerting: set[tuple[str, str, str]] = set()
+        self._crossed: dict[tuple[str, str], dict[str, dict[str, float]]] = {}  # judged (model, version): alerts
 
     def route(self, public: str, spec: Drift, targets: Mapping[str, tuple[Any, str, str]]) -> RouteDrift:
         """The route's monitors for its targets (name -> (backend, model, version)); profiles are
@@ -127,6 +128,8 @@ class DriftHub:
         """Forget monitors the current route table no longer uses (removed routes, targets, versions)."""
         for key in set(self._monitors) - keys:
             del self._monitors[key]
+        kept = {(model, version) for model, _, version in self._monitors}
+        self._crossed = {k: v for k, v in self._crossed.items() if k in kept}
 
     def _profile(self, path: Path) -> Profile:
         """A profile file, re-read only when it changes."""
@@ -208,29 +211,39 @@ class DriftHub:
         if monitor.trained_at is not None and not math.isnan(monitor.trained_at):
             self.metrics.model_age(model, version, time.time() - monitor.trained_at, spec.stale_after_s)
         if counts.n < spec.min_count:
+            self._crossed.pop((model, version), None)
             return
         report = compare(profile, counts)
         judged = dict(report.features)
         for name, stats in report.outputs.items():  # outputs are judged as two pseudo-features
             judged[f"output:{name}:argmax"] = {"js": stats["argmax_js"]}
             judged[f"output:{name}:probabilities"] = {"js": stats["prob_js"]}
+        alerts = self._crossed[(model, version)] = {}
         for feature, statistics in judged.items():
             bounds = spec.features.get(feature, spec.thresholds)
-            crossed = []
+            crossed = {}
             for name, value in statistics.items():
                 self.metrics.drift_statistic(model, version, feature, name, value)
                 if _past(bounds, feature, name, value):
-                    crossed.append(f"{name}={value:.3g}")
+                    crossed[name] = value
+            if crossed:
+                alerts[feature] = crossed
             self._alert(monitor, feature, crossed)
 
-    def _alert(self, monitor: TargetMonitor, feature: str, crossed: list[str]) -> None:
+    def alerts(self, public: str) -> dict[str, dict[str, dict[str, float]]]:
+        """Each judged version of a route's model: its alerting features and the statistics past
+        their bounds (empty: none alerting). Versions not judged yet are absent. For the retrain signal."""
+        return {version: dict(features) for (model, version), features in self._crossed.items() if model == public}
+
+    def _alert(self, monitor: TargetMonitor, feature: str, crossed: dict[str, float]) -> None:
         model, _, version = monitor.key
         key = (model, version, feature)
         firing = bool(crossed)
         self.metrics.drift_alert(model, version, feature, firing, raised=firing and key not in self._alerting)
         if firing and key not in self._alerting:
             log.warning("drift alert: model %s version %s feature %s: %s; recent requests: %s",
-                        model, version, feature, ", ".join(crossed), ", ".join(monitor.recent) or "-")
+                        model, version, feature, ", ".join(f"{k}={v:.3g}" for k, v in crossed.items()),
+                        ", ".join(monitor.recent) or "-")
             self._alerting.add(key)
         elif not firing and key in self._alerting:
             log.info("drift alert cleared: model %s version %s feature %s", model, version, feature)

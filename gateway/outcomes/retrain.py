@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 import aiohttp
 import orjson
@@ -323,20 +323,3 @@ class RetrainEmitter:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-Reading = tuple[str, str, Evidence]   # model, version, evidence
-
-
-async def watch(read: Callable[[], Awaitable[Iterable[Reading]]], tracker: PersistenceTracker,
-                emitter: RetrainEmitter, interval_s: float) -> None:
-    """Every interval_s, feed each reading to the tracker and emit what fires; never dies."""
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            for model, version, evidence in await read():
-                event = tracker.observe(model, version, evidence)
-                if event is not None:
-                    emitter.emit(event)
-        except Exception:  # noqa: BLE001 - the retrain signal must never take the gateway down
-            log.exception("retrain check failed")

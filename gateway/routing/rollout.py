@@ -155,12 +155,12 @@ class RolloutController:
         self._update = update
         self.interval_s = interval_s
         self._on_event = on_event
-        self._leads = leads
+        self.leads = leads  # whether this process decides now (the retrain signal asks the same)
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            if not self._leads():
+            if not self.leads():
                 continue
             try:
                 await self.tick()

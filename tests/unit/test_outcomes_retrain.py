@@ -17,7 +17,7 @@ from aiohttp import web
 from gateway.audit.chain import create_key, key_id, load_public_keys
 from gateway.outcomes.retrain import (KEY_ID_HEADER, SIGNATURE_HEADER, PersistenceTracker, RetrainEmitter,
                                       SignatureError, add_retrain_arguments, drift_evidence, quality_evidence,
-                                      retrain_command, sign_body, verify, watch)
+                                      retrain_command, sign_body, verify)
 
 DRIFTING = drift_evidence({"features[3]": {"psi": 0.31}}, {"features[3]": {"psi": 0.2}}, window_requests=1000)
 CALM = drift_evidence({})
@@ -229,33 +229,6 @@ def test_emitting_without_a_running_loop_counts_a_failure(key):
     emitter = RetrainEmitter("http://127.0.0.1:1/hook", key)
     emitter.emit(fire_one(Clock()))
     assert emitter.failed == 1
-
-
-async def test_watch_survives_a_failing_read_and_emits_what_fires():
-    clock = Clock()
-    tracker = PersistenceTracker({"drift": 30.0}, clock)
-    audited: list[dict] = []
-    emitter = RetrainEmitter(None, None, audit=audited.append)
-    calls = 0
-
-    async def read():
-        nonlocal calls
-        calls += 1
-        clock.t += 10.0
-        if calls == 2:
-            raise OSError("store unreachable")
-        return [("fraud", "2", DRIFTING)]
-
-    task = asyncio.create_task(watch(read, tracker, emitter, 0.001))
-
-    async def twelve_reads() -> None:
-        while calls < 12:
-            await asyncio.sleep(0.005)
-
-    await asyncio.wait_for(twelve_reads(), 10)
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    assert 2 <= len(audited) <= 4 and all(d["kind"] == "drift" for d in audited)
 
 
 def test_the_cli_verifies_a_received_body(tmp_path: Path, key, capsys):

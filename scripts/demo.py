@@ -1,5 +1,5 @@
-"""Real traffic through a running gateway (make demo): gRPC and HTTP, two model versions, an error,
-then where to look next."""
+"""Real traffic through a running gateway (make demo): gRPC and HTTP, two model versions, outcomes
+posted back, an error, then where to look next."""
 from __future__ import annotations
 
 import sys
@@ -35,6 +35,18 @@ def main() -> int:
     sticky = {g.infer("classifier", [tensor], headers={"x-user-id": "alice"}).get_response().model_version for _ in range(20)}
     print(f"gRPC  classifier x20 as x-user-id=alice (sticky) -> versions served: {sorted(sticky)}")
 
+    rng = np.random.default_rng(0)
+    for i in range(40):  # answers to post outcomes for: each request names its id and a region
+        tensor.set_data_from_numpy(rng.normal(size=(1, 8)).astype(np.float32))
+        g.infer("classifier", [tensor], request_id=f"demo-{i}", headers={"x-region": ("eu", "us")[i % 2]})
+    posted = [{"id": f"demo-{i}", "label": int(rng.integers(0, 3)), "business": {"converted": bool(i % 3)}}
+              for i in range(40)] + [{"id": "never-sent", "label": 0}]
+    answer = orjson.loads(urllib.request.urlopen(urllib.request.Request(
+        f"http://{HTTP}/v2/models/classifier/feedback", orjson.dumps({"outcomes": posted}),
+        {"Content-Type": "application/json"})).read())
+    print(f"HTTP  classifier feedback x{len(posted)} -> joined {answer['joined']}, statuses "
+          f"{dict(Counter(r['status'] for r in answer['results']))}")
+
     data = np.arange(8, dtype=np.float32)[None]
     for binary in (True, False):
         tensor = httpclient.InferInput("INPUT0", [1, 8], "FP32")
@@ -49,7 +61,8 @@ def main() -> int:
 
     metrics = urllib.request.urlopen(f"{ADMIN}/metrics").read().decode()
     wanted = ("infergate_requests_total", "infergate_shadow_requests_total", "infergate_route_weight",
-              "infergate_validation_violations_total", "infergate_access_decisions_total")
+              "infergate_validation_violations_total", "infergate_access_decisions_total",
+              "infergate_outcome_feedback_total")
     print("metrics:", *[l for l in metrics.splitlines() if l.startswith(wanted)], sep="\n  ")
     print("\nlive routes (infergate routes):")
     print("\n".join("  " + line for line in table_lines(orjson.loads(urllib.request.urlopen(f"{ADMIN}/admin/routes").read()))))
@@ -59,6 +72,8 @@ Where to look next:
   gateway log          .run/gateway.log      (Triton's: .triton/tritonserver-8000.log)
   routes               configs/routing.yaml  (edit it: the gateway reloads; docs/routing.md)
   live route table     .venv/bin/infergate routes
+  outcomes by segment  .venv/bin/infergate report segments --model classifier   (docs/outcomes.md)
+  model card           .venv/bin/infergate model-card --model classifier --version 2
   load                 scripts/triton-cpu.sh perf_analyzer -m double -u {GRPC} -i grpc --shape INPUT0:16
   benchmark            make bench            (results in bench/RESULTS.md)
   stop everything      make demo-down""")

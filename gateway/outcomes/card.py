@@ -97,7 +97,7 @@ def render_card(manifest: Mapping[str, Any] | NotAvailable, live: LiveFigures) -
         lines += _section(title, [str(text).strip()] if text else [_missing(absent)])
     lines += _section("Traffic share", _traffic(live))
     lines += _section("Online quality", _quality(live.quality, metrics if isinstance(metrics, Mapping) else {}))
-    lines += _section("Segment disparities", [live.segments.strip()] if isinstance(live.segments, str) and live.segments.strip()
+    lines += _section("Segment disparities", [_nested(live.segments)] if isinstance(live.segments, str) and live.segments.strip()
                       else [_missing(live.segments.reason if isinstance(live.segments, NotAvailable)
                                      else "the segment report is empty")])
     lines += _section("Drift status", _drift(live.drift))
@@ -174,6 +174,11 @@ def _duration(seconds: float) -> str:
         if abs(seconds) >= size:
             return f"{seconds / size:.1f} {unit}"
     return f"{seconds:.0f} seconds"
+
+
+def _nested(markdown: str) -> str:
+    """Another report's Markdown inside a section: its headings two levels down."""
+    return "\n".join("##" + line if line.startswith("#") else line for line in markdown.strip().splitlines())
 
 
 def _section(title: str, body: list[str]) -> list[str]:

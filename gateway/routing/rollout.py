@@ -4,9 +4,10 @@ rolls it back to 0% with a logged reason when one does not.
 A gate is anything with `check(canary, baseline) -> reason | None` over the outcome windows of
 the current step: error rate, p99 latency, and — for routes with a drift section naming
 `max_distribution_js` — the distance between the canary's and the primary's predictions. A gate
-may also `hold(canary, baseline) -> reason | None` a promotion: the sequential A/B test on a
-declared outcome (routes whose `outcomes` name a `test`) promotes only a candidate shown not
-worse than the primary by more than its margin, and rolls back one shown worse.
+may also `hold(canary, baseline) -> reason | None` the rollout at the last step both targets
+still serve (before promotion, or before a step of 100%): the sequential A/B test on a declared
+outcome (routes whose `outcomes` name a `test`) lets through only a candidate shown not worse
+than the primary by more than its margin, and rolls back one shown worse at any step.
 """
 from __future__ import annotations
 
@@ -225,17 +226,19 @@ class RolloutController:
                 return RolloutStatus(status.step, now_wall, "rolled_back", reason)
         if now_wall - status.since < spec.dwell_s:
             return None
-        if status.step + 1 < len(spec.steps):
+        last = status.step + 1 == len(spec.steps)
+        if spec.steps[status.step] < 100 and (last or spec.steps[status.step + 1] >= 100):
+            # the last step both arms still serve: the A/B test must pass before the canary takes all
+            for gate in gates:
+                held = gate.hold(canary, baseline) if isinstance(gate, OutcomeGate) else None
+                if held:
+                    if held == status.reason:
+                        return None
+                    log.info("rollout %s: %s holds at %d%%: %s", route.public, spec.target, spec.steps[status.step], held)
+                    return RolloutStatus(status.step, status.since, "progressing", held)
+        if not last:
             log.info("rollout %s: %s advances to %d%%", route.public, spec.target, spec.steps[status.step + 1])
             return RolloutStatus(status.step + 1, now_wall)
-        for gate in gates:
-            held = gate.hold(canary, baseline) if isinstance(gate, OutcomeGate) else None
-            if held:
-                if held != status.reason:
-                    log.info("rollout %s: %s holds at %d%% before promotion: %s",
-                             route.public, spec.target, spec.steps[status.step], held)
-                    return RolloutStatus(status.step, status.since, "progressing", held)
-                return None
         log.info("rollout %s: %s promoted to 100%%", route.public, spec.target)
         return RolloutStatus(status.step, now_wall, "promoted", "all steps passed")
 

@@ -12,6 +12,7 @@ import pytest
 from gateway.config import Backend, Compare, RoutingConfig
 from gateway.errors import NotFound
 from gateway.frontends.admin import _apply, _BadRequest
+from gateway.outcomes.sequential import Arm
 from gateway.protocol.wire import pb
 from gateway.routing.rollout import RolloutController
 from gateway.routing.shadow import compare
@@ -123,15 +124,16 @@ ROLLOUT = {"m": {"targets": {"stable": {"backend": "t", "model": "x", "version":
 class Harness:
     """A controller over an in-memory table whose commits rebuild the table."""
 
-    def __init__(self) -> None:
+    def __init__(self, spec: dict = ROLLOUT, **controller: object) -> None:
+        self.spec = spec
         self.stats: dict = {}
         self.states: dict = {}
-        self.table = table(ROLLOUT, self.states, self.stats)
-        self.controller = RolloutController(lambda: self.table, lambda: self.states, self.update)
+        self.table = table(spec, self.states, self.stats)
+        self.controller = RolloutController(lambda: self.table, lambda: self.states, self.update, **controller)
 
     async def update(self, model: str, change) -> None:
         self.states = {**self.states, model: change(self.states.get(model) or RouteState())}
-        self.table = table(ROLLOUT, self.states, self.stats)
+        self.table = table(self.spec, self.states, self.stats)
 
     def tick(self) -> None:
         asyncio.run(self.controller.tick())
@@ -173,6 +175,58 @@ def test_rollout_rolls_back_on_errors_or_latency(ok, seconds, reason):
     status = h.states["m"].rollout
     assert status.phase == "rolled_back" and reason in status.reason
     assert h.table.resolve("m").targets["canary"].weight == 0
+
+
+AB = {"m": {**ROLLOUT["m"], "outcomes": {"task": "none", "business": {"converted": "rate"},
+                                          "test": {"outcome": "converted", "margin": 0.02, "min_samples": 50}}}}
+
+
+def ab_harness(canary_rate: float, n: int) -> tuple[Harness, list]:
+    """A rollout with an A/B test on `converted`: the canary converts at canary_rate, the stable
+    target at 0.30, n outcomes each since the step began (expected values, no noise)."""
+    looks: list = []
+
+    def arms(route, canary, primary, since):
+        assert (route.public, canary, primary) == ("m", "canary", "stable") and since == h.states["m"].rollout.since
+        return Arm(n, canary_rate * n, canary_rate * n), Arm(n, 0.30 * n, 0.30 * n)
+
+    h = Harness(AB, outcomes=arms, on_test=lambda *look: looks.append(look))
+    return h, looks
+
+
+def walk(h: Harness, ticks: int) -> None:
+    """Ticks with enough traffic on both targets and the dwell over each time."""
+    h.tick()
+    for _ in range(ticks):
+        h.feed("stable", 200)
+        h.feed("canary", 30)
+        h.age_step(10)
+        h.tick()
+
+
+def test_the_ab_gate_rolls_back_a_candidate_shown_worse():
+    h, looks = ab_harness(0.20, 2000)
+    h.tick()
+    h.feed("stable", 200)
+    h.feed("canary", 30)
+    h.tick()
+    status = h.states["m"].rollout
+    assert status.phase == "rolled_back" and "converted" in status.reason
+    assert looks and looks[-1][:3] == ("m", "canary", "converted") and looks[-1][3].verdict == "worse"
+
+
+def test_the_ab_gate_promotes_a_candidate_shown_not_worse():
+    h, looks = ab_harness(0.31, 20000)
+    walk(h, 3)                           # 10% -> 50% -> (the test passes) 100% -> promoted
+    assert h.states["m"].rollout.phase == "promoted" and looks[-1][3].verdict == "not_worse"
+
+
+def test_the_ab_gate_holds_an_undecided_candidate_at_the_last_shared_step():
+    h, looks = ab_harness(0.30, 60)      # too few outcomes to tell 0.30 from 0.28
+    walk(h, 4)                           # 10% -> 50%, held there: 100% would leave no primary to compare with
+    status = h.states["m"].rollout
+    assert status.phase == "progressing" and status.step == 1 and "converted" in status.reason
+    assert h.table.resolve("m").targets["canary"].weight == 50 and looks[-1][3].verdict == "undecided"
 
 
 def test_admin_weights_override_the_files_blue_green_and_unknown_names_are_ignored():

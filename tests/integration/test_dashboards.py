@@ -9,10 +9,21 @@ HTTP listener (a certificate expiring in 10 days), access rules that deny metada
 classifier, a rejected routing reload, the audit log on. A real Prometheus (scripts/prometheus.sh) scrapes the
 admin port every second and loads the rules file.
 
+Outcomes (core scenario): classifier and double declare an `outcomes` section (classifier: a classifier with
+two business outcomes, a header and an input segment, the rollout's A/B test on the label and a retrain
+signal on accuracy whose webhook refuses every event; double: a regressor). Labels and business outcomes are
+posted back over HTTP and gRPC for the answers, with an unknown id, a duplicate, an invalid item and a row
+outside the batch; before that the join store's database is held locked by the test while answers keep
+coming, so its queue fills and predictions are dropped. The canary's single step is 50%, so the A/B test
+(over outcomes of answers since the step began) has every answer of both arms; it looks, and the rollout
+promotes or holds. The accuracy floor is above what the labels give, so retrain events fire.
+
 Then every PromQL expression of every panel target, annotation and model variable of every
 dashboard in configs/grafana/, and every alert rule in configs/prometheus/infergate-rules.yml,
 is evaluated through /api/v1/query and must return data. Dashboard variables are substituted as
-Grafana would: $model -> classifier, $__rate_interval -> 30s, $__interval -> 15s, $__range -> 5m.
+Grafana would: $model -> classifier (double for the regressor panels of outcomes.json: MAE and RMSE exist for
+a route with task regressor only), $target and $outcome -> .* (All), $window -> 5m, $__rate_interval -> 30s,
+$__interval -> 15s, $__range -> 5m.
 Alert rules are evaluated without their final comparison (every rule is written
 `<expression> <comparison> <threshold>`): the expression must return series, so the rule reads
 metrics that exist; the full rule is evaluated too, and the ones this traffic is built to trip
@@ -25,11 +36,15 @@ expressions reading drift metrics; it runs when the gateway's routing config has
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
 import re
+import sqlite3
+import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -38,14 +53,18 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tritonclient.utils import InferenceServerException
 
+from gateway.protocol import feedback_pb2
 from tests.certs import CertAuthority
 from tests.conftest import ROOT, free_port, metric
 
@@ -53,12 +72,17 @@ PROMETHEUS = ROOT / "scripts" / "prometheus.sh"
 RULES = ROOT / "configs" / "prometheus" / "infergate-rules.yml"
 DASHBOARDS = sorted((ROOT / "configs" / "grafana").glob("*.json"))
 MODEL = "classifier"           # what $model becomes: the model that has every kind of series
+REGRESSOR = "double"           # ...except in expressions only a regressor route has series for (MAE, RMSE)
+REGRESSOR_METRICS = re.compile(r"infergate_outcome_(abs|squared)_error_total")
 FEATURES = 8
 CATEGORICAL = 7                # classifier feature column profiled as categorical (codes 0..3)
 
-# Grafana's built-in variables, as a dashboard over the last 5 minutes would have them.
+# Grafana's built-in variables, as a dashboard over the last 5 minutes would have them ($model is
+# substituted first, by `substitute`; multi-value variables as "All").
+MODEL_VARIABLE = re.compile(r"\$\{model(?::\w+)?\}|\$model\b")
 SUBSTITUTIONS = [
-    (re.compile(r"\$\{model(?::\w+)?\}|\$model\b"), MODEL),
+    (re.compile(r"\$\{(target|outcome)(?::\w+)?\}|\$(target|outcome)\b"), ".*"),
+    (re.compile(r"\$\{window(?::\w+)?\}|\$window\b"), "5m"),
     (re.compile(r"\$\{__rate_interval\}|\$__rate_interval\b"), "30s"),
     (re.compile(r"\$\{__interval\}|\$__interval\b"), "15s"),
     (re.compile(r"\$\{__range_s\}|\$__range_s\b"), "300"),
@@ -68,7 +92,8 @@ DRIFT_METRICS = re.compile(r"infergate_drift_|infergate_model_age_seconds|inferg
 
 # Rules the core traffic is built to trip (evaluated in full, they must return series).
 TRIPPED = {"InfergateBreakerOpen", "InfergateRolloutRolledBack", "InfergateConfigReloadRejected",
-           "InfergateTLSCertificateExpiresSoon"}
+           "InfergateTLSCertificateExpiresSoon", "InfergateOutcomePredictionsDropped", "InfergateRetrainRequested",
+           "InfergateRetrainWebhookFailing"}
 TRIPPED_BY_DRIFT = {"InfergateDriftAlert", "InfergateModelStale"}
 
 
@@ -90,6 +115,7 @@ class Expr:
 
 
 def substitute(promql: str) -> str:
+    promql = MODEL_VARIABLE.sub(REGRESSOR if REGRESSOR_METRICS.search(promql) else MODEL, promql)
     for pattern, value in SUBSTITUTIONS:
         promql = pattern.sub(value, promql)
     return promql
@@ -225,7 +251,8 @@ def drift_section(triton, directory: Path) -> dict:
             "thresholds": {"psi": 0.2, "chi2_p": 0.01, "output_js": 0.1}, "stale_after_s": 86400}
 
 
-def routes(drift: dict | None) -> dict:
+def routes(drift: dict | None, outcomes: dict | None = None) -> dict:
+    """outcomes: the `outcomes` sections of classifier and double (core scenario)."""
     classifier = {
         "targets": {"v1": {"backend": "triton", "model": "classifier", "version": 1, "weight": 100},
                     "v2": {"backend": "triton", "model": "classifier", "version": 2},
@@ -248,10 +275,32 @@ def routes(drift: dict | None) -> dict:
                     "next": {"backend": "triton", "model": "double", "version": 2}},
         "rollout": {"target": "next", "steps": [50], "dwell_s": 600, "min_requests": 5},
     }
+    if outcomes is not None:
+        classifier["outcomes"], double["outcomes"] = outcomes["classifier"], outcomes["double"]
+        # one step at 50%, from before the first request: the A/B test, which counts outcomes of
+        # answers since the step began, has every answer of both arms
+        classifier["rollout"]["steps"] = [50]
     return {"classifier": classifier, "double": double}
 
 
-ACCESS = [{"name": "anyone", "anonymous": True, "models": ["*"], "actions": ["infer", "admin"]},
+def outcome_sections(webhook: str, signing_key: Path) -> dict:
+    """classifier: a classifier with business outcomes, segments, the rollout's A/B test on the label
+    (a wide margin: the two versions are alike) and a retrain signal on an accuracy floor the posted
+    labels stay under; double: a regressor."""
+    classifier = {
+        "task": "classifier", "output": "probabilities",
+        "business": {"converted": "rate", "revenue": "mean"},
+        "segments": {"region": {"header": "x-region", "values": ["eu", "us", "apac"]},
+                     "band": {"input": "features", "index": 0, "bins": [-1.0, 0.0, 1.0]}},
+        "test": {"outcome": "label", "margin": 0.5, "confidence": 0.95, "min_samples": 10},
+        "retrain": {"for_s": 1, "interval_s": 1, "drift": False, "webhook": webhook, "signing_key": str(signing_key),
+                    "quality": {"metric": "accuracy", "floor": 0.95, "window_s": 3600, "min_samples": 10}},
+    }
+    return {"classifier": classifier, "double": {"task": "regressor", "output": "OUTPUT0"}}
+
+
+STORE_QUEUE = 64   # the join store's queue (outcomes.queue_size): small, so the stall drill fills it quickly
+ACCESS = [{"name": "anyone", "anonymous": True, "models": ["*"], "actions": ["infer", "admin", "feedback"]},
           {"name": "catalog", "anonymous": True, "models": ["double"], "actions": ["metadata"]}]
 
 
@@ -263,16 +312,28 @@ def wait_for(what: str, check, timeout: float = 15.0) -> None:
         time.sleep(0.1)
 
 
-def infer(client, model: str, x: np.ndarray, kind=grpcclient, headers: dict | None = None) -> str:
-    """The status code name of one inference call."""
-    name = "features" if model == "classifier" else "INPUT0"
+@dataclass(frozen=True)
+class Answered:
+    """An answer outcomes can be posted for: its request id and output."""
+
+    model: str
+    request_id: str
+    output: np.ndarray
+
+
+def infer(client, model: str, x: np.ndarray, kind=grpcclient, headers: dict | None = None, request_id: str = "",
+          answers: list[Answered] | None = None) -> str:
+    """The status code name of one inference call; answers, when given, gets the answer if it is OK."""
+    name, output = ("features", "probabilities") if model == "classifier" else ("INPUT0", "OUTPUT0")
     tensor = kind.InferInput(name, list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
     try:
-        client.infer(model, [tensor], headers=headers)
-        return "OK"
+        result = client.infer(model, [tensor], headers=headers, request_id=request_id)
     except InferenceServerException as e:
         return str(e.status()).removeprefix("StatusCode.")
+    if answers is not None:
+        answers.append(Answered(model, request_id, result.as_numpy(output)))
+    return "OK"
 
 
 async def burst(url: str, rows: np.ndarray) -> Counter:
@@ -294,22 +355,31 @@ async def burst(url: str, rows: np.ndarray) -> Counter:
         await client.close()
 
 
-def drive(gw, ca: Path, scenario: str) -> Counter:
+REGIONS = ["eu", "us", "apac", "mars"]   # x-region of classifier requests; "mars" is not declared: segment "other"
+
+
+def drive(gw, ca: Path, scenario: str, answers: list[Answered] | None = None) -> Counter:
     """gRPC and HTTPS traffic to both models, the standby target, errors, a rate-limited burst,
-    a validation rejection and an access denial, spread over a few seconds of scrapes."""
+    a validation rejection and an access denial, spread over a few seconds of scrapes. The
+    answers of classifier and double go to `answers` (with request ids outcomes can name)."""
     grpc_ = grpcclient.InferenceServerClient(gw.grpc_url)
     https = httpclient.InferenceServerClient(gw.http_url, ssl=True, ssl_options={"ca_certs": str(ca)})
     rng = np.random.default_rng(5)
     shift = 1.0 if scenario == "drift" else 0.0
     codes: Counter = Counter()
     for i in range(100):
-        codes["classifier grpc " + infer(grpc_, "classifier", sample(rng, 8, shift))] += 1
+        region = {"x-region": REGIONS[i % len(REGIONS)]}
+        codes["classifier grpc " + infer(grpc_, "classifier", sample(rng, 8, shift), headers=region,
+                                         request_id=f"cg{i}", answers=answers)] += 1
         if i % 3 == 0:
-            codes["classifier http " + infer(https, "classifier", sample(rng, 8, shift), httpclient)] += 1
+            codes["classifier http " + infer(https, "classifier", sample(rng, 8, shift), httpclient, headers=region,
+                                             request_id=f"ch{i}", answers=answers)] += 1
         if i % 4 == 0:
-            codes["double grpc " + infer(grpc_, "double", np.ones((1, 4), np.float32))] += 1
+            codes["double grpc " + infer(grpc_, "double", np.ones((1, 4), np.float32), request_id=f"dg{i}",
+                                         answers=answers)] += 1
         if i % 6 == 0:
-            codes["double http " + infer(https, "double", np.ones((1, 4), np.float32), httpclient)] += 1
+            codes["double http " + infer(https, "double", np.ones((1, 4), np.float32), httpclient,
+                                         request_id=f"dh{i}", answers=answers)] += 1
         if i % 5 == 0:
             codes["standby grpc " + infer(grpc_, "classifier", sample(rng, 1), headers={"x-infergate-target": "standby"})] += 1
         time.sleep(0.01)
@@ -337,6 +407,144 @@ def reload_drill(gw) -> None:
     wait_for("good reload", lambda: metric(gw, "infergate_config_reloads_total", result="ok") >= 1)
 
 
+def exported(gw, name: str, **labels: str) -> bool:
+    """Whether the gateway's /metrics has a sample of name with these labels (whatever its value)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/metrics").read().decode()
+    return any(line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())
+               for line in text.splitlines())
+
+
+class RefusingReceiver(http.server.ThreadingHTTPServer):
+    """A retrain webhook that refuses every event with 400 (final: the gateway does not retry it)."""
+
+    def __init__(self) -> None:
+        self.posts = 0
+
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.posts += 1
+                self.send_response(400)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/retrain"
+
+
+def signing_key(path: Path) -> Path:
+    path.write_bytes(Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return path
+
+
+def stall_drill(gw) -> None:
+    """The join store's SQLite file held locked by another process (the test) while answers keep
+    coming: the writer waits on the lock, its queue fills, and what does not fit is dropped and
+    counted (reason full); inference goes on. Then the lock is released and the writer catches up."""
+    client = grpcclient.InferenceServerClient(gw.grpc_url)
+    x = sample(np.random.default_rng(11), 1)
+    db = sqlite3.connect(gw.config_path.parent / "outcomes.db", isolation_level=None, timeout=10)
+    codes: Counter = Counter()
+    try:
+        db.execute("BEGIN IMMEDIATE")   # the write lock: the writer's next batch waits for it (busy timeout 5 s)
+        codes[infer(client, "classifier", x)] += 1
+        time.sleep(0.3)                 # the writer has taken that answer and waits on the lock
+        for _ in range(STORE_QUEUE + 40):
+            codes[infer(client, "classifier", x)] += 1
+            time.sleep(0.003)           # under the route's rate limit
+        wait_for("predictions dropped", lambda: metric(gw, "infergate_outcome_predictions_dropped_total",
+                                                       model="classifier", reason="full") >= 1, timeout=3)
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    print(f"  stall drill: {dict(codes)}, dropped "
+          f"{metric(gw, 'infergate_outcome_predictions_dropped_total', model='classifier'):.0f}")
+
+
+def post_http(gw, ca: Path, model: str, items: list[dict]) -> dict:
+    request = urllib.request.Request(f"https://{gw.http_url}/v2/models/{model}/feedback", method="POST",
+                                     data=json.dumps({"outcomes": items}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, context=ssl.create_default_context(cafile=str(ca)),
+                                             timeout=30).read())
+
+
+def post_grpc(gw, model: str, items: list[dict]) -> dict:
+    """The same items through infergate.v1.Feedback/PostOutcomes; the answer as the HTTP JSON reads."""
+    outcomes = [feedback_pb2.Outcome(request_id=i.get("id", ""), row=i.get("row", 0), label=i.get("label"),
+                                     business={k: float(v) for k, v in i.get("business", {}).items()}) for i in items]
+    with grpc.insecure_channel(gw.grpc_url) as channel:
+        post = channel.unary_unary("/infergate.v1.Feedback/PostOutcomes",
+                                   request_serializer=feedback_pb2.PostOutcomesRequest.SerializeToString,
+                                   response_deserializer=feedback_pb2.PostOutcomesResponse.FromString)
+        answer = post(feedback_pb2.PostOutcomesRequest(model=model, outcomes=outcomes), timeout=30)
+    return {"joined": answer.joined, "results": [{"status": r.status, "reason": r.reason} for r in answer.results]}
+
+
+def outcome_items(answers: list[Answered], rng: np.random.Generator) -> dict[str, list[dict]]:
+    """Per model, one outcome per answer: classifier labels right for about 80% of the rows they name,
+    converted about 30% of the time with a revenue then (some items carry business outcomes only);
+    double (a regressor doubling ones) labels near 2."""
+    items: dict[str, list[dict]] = {"classifier": [], "double": []}
+    for k, a in enumerate(answers):
+        row = k % len(a.output)
+        if a.model == "classifier":
+            top = int(np.argmax(a.output[row]))
+            converted = bool(rng.random() < 0.3)
+            item = {"id": a.request_id, "row": row,
+                    "business": {"converted": converted, "revenue": round(float(rng.exponential(20)), 2) if converted else 0.0}}
+            if k % 7:
+                item["label"] = top if rng.random() < 0.8 else (top + 1) % 3
+        else:
+            item = {"id": a.request_id, "row": row, "label": round(2.0 + float(rng.normal(0, 0.5)), 3)}
+        items[a.model].append(item)
+    return items
+
+
+def feedback_drill(gw, ca: Path, answers: list[Answered]) -> None:
+    """Outcomes for the answers, in two posts a few scrapes apart (rate() over a window sees the
+    second), the first over HTTP and the second over gRPC, with an unknown id, a duplicate, an
+    invalid item and a row outside the batch (invalid too); then the A/B test's look and the retrain events."""
+    items = outcome_items([a for a in answers if a.request_id], np.random.default_rng(3))
+    spare = items["classifier"].pop()   # for the bad row
+    first = {model: batch[: len(batch) // 2] for model, batch in items.items()}
+    second = {model: batch[len(batch) // 2:] for model, batch in items.items()}
+    statuses: Counter = Counter()
+    for model, batch in first.items():
+        answer = post_http(gw, ca, model, batch)
+        assert len(answer["results"]) == len(batch) and answer["joined"] > 0, answer
+        statuses.update(f"{model} {r['status']}" for r in answer["results"])
+    time.sleep(2.5)
+    special = [{"id": "never-answered", "label": 0},                                    # unknown
+               dict(first["classifier"][0]),                                            # duplicate
+               {"id": spare["id"], "business": {"churned": True}},                      # invalid: not declared
+               {"id": spare["id"], "row": 99, "label": 0}]                              # invalid: no such row
+    for model, batch in second.items():
+        extra = special if model == "classifier" else []
+        answer = post_grpc(gw, model, batch + extra)
+        assert len(answer["results"]) == len(batch) + len(extra), answer
+        statuses.update(f"{model} {r['status']}" for r in answer["results"])
+        if extra:
+            fates = [r["status"] for r in answer["results"][-len(extra):]]
+            assert fates == ["unknown", "duplicate", "invalid", "invalid"], answer["results"][-len(extra):]
+    print(f"  feedback: {dict(sorted(statuses.items()))}")
+    assert statuses["classifier joined"] >= 40 and statuses["double joined"] >= 20, statuses
+    wait_for("an A/B look", lambda: exported(gw, "infergate_ab_decision", model="classifier"))
+    wait_for("a retrain event", lambda: metric(gw, "infergate_retrain_events_total", model="classifier") >= 1)
+    wait_for("a refused retrain webhook", lambda: metric(gw, "infergate_retrain_webhook_failures_total",
+                                                         model="classifier") >= 1)
+
+
 @pytest.fixture(scope="module", params=SCENARIOS)
 def stack(request, triton, module_launcher, tmp_path_factory):
     scenario = request.param
@@ -344,14 +552,17 @@ def stack(request, triton, module_launcher, tmp_path_factory):
     ca = CertAuthority(d, "server")
     server = ca.issue("server", cn="infergate", dns=("localhost",), ips=("127.0.0.1",), server=True)  # 10 days left
     drift = drift_section(triton, d) if scenario == "drift" else None
+    receiver = RefusingReceiver() if scenario == "core" else None
+    outcomes = outcome_sections(receiver.url, signing_key(d / "retrain.pem")) if receiver else None
     dead = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]   # nothing listens there
     backends = {"triton": {"url": triton.grpc_url},
                 "standby": {"urls": dead, "health_interval_s": 3600, "retries": 1, "retry_backoff_s": 0.001}}
     started = time.monotonic()
-    gw = module_launcher.start("", routes=routes(drift), access=ACCESS, backends=backends,
+    store = {"outcomes": {"url": "sqlite:///outcomes.db", "queue_size": STORE_QUEUE}} if outcomes else {}
+    gw = module_launcher.start("", routes=routes(drift, outcomes), access=ACCESS, backends=backends,
                                tls={"cert": str(server.cert), "key": str(server.key), "client_auth": "none",
                                     "listeners": ["http"], "reload_s": 1},
-                               audit={"dir": str(d / "audit")})
+                               audit={"dir": str(d / "audit")}, **store)
     port = free_port()
     (d / "prometheus.yml").write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -366,7 +577,8 @@ def stack(request, triton, module_launcher, tmp_path_factory):
     try:
         s = Stack(scenario, gw, f"http://127.0.0.1:{port}")
         wait_for("first scrape", lambda: [r["value"][1] for r in s.query('up{job="infergate"}')["data"]["result"]] == ["1"])
-        codes = drive(gw, ca.pem, scenario)
+        answers: list[Answered] = []
+        codes = drive(gw, ca.pem, scenario, answers)
         print(f"\n[{scenario}] traffic by model, protocol and code: {dict(sorted(codes.items()))}")
         assert codes["burst RESOURCE_EXHAUSTED"] > 0 and codes["classifier invalid INVALID_ARGUMENT"] == 3
         # anonymous callers denied metadata learn UNAUTHENTICATED; either way a deny decision is counted
@@ -378,12 +590,18 @@ def stack(request, triton, module_launcher, tmp_path_factory):
         assert metric(gw, "infergate_breaker_state", model="classifier", target="standby") == 2
         if scenario == "drift":
             wait_for("a drift alert", lambda: metric(gw, "infergate_drift_alerts_total", model="classifier") >= 1)
+        else:
+            stall_drill(gw)
+            feedback_drill(gw, ca.pem, answers)
         time.sleep(3.5)   # three more scrapes: every series has two samples in a 30 s rate window
         print(f"[{scenario}] gateway, Prometheus and traffic ready in {time.monotonic() - started:.1f} s")
         yield s
     finally:
         prometheus("stop", env, timeout=30)
         gw.stop()
+        if receiver is not None:
+            receiver.shutdown()
+            receiver.server_close()
 
 
 # ------------------------------------------------------------------ tests
@@ -392,7 +610,7 @@ def stack(request, triton, module_launcher, tmp_path_factory):
 def test_dashboards_are_wellformed():
     """Import-ready Grafana JSON: schema 39, the datasource and model variables, every panel on
     ${datasource} with a query and a unit, unique ids, inside the 24-column grid."""
-    assert {p.name for p in DASHBOARDS} == {"overview.json", "model.json", "drift.json", "rollout.json"}
+    assert {p.name for p in DASHBOARDS} == {"overview.json", "model.json", "drift.json", "rollout.json", "outcomes.json"}
     for path in DASHBOARDS:
         board = json.loads(path.read_text())
         assert board["schemaVersion"] == 39 and board["uid"] and board["title"], path.name

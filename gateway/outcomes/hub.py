@@ -15,6 +15,8 @@ from gateway.outcomes.sequential import Arm, Decision
 if TYPE_CHECKING:
     from gateway.routing.table import Route
 
+COMMIT_S = 0.2  # beyond its gathering pause (batch_s), how long another process's writer may take to commit
+
 
 def store_url(spec: config.OutcomeStore, base: Path) -> str:
     """The store's URL with a relative SQLite path made relative to gateway.yaml's folder."""
@@ -31,7 +33,10 @@ class OutcomeHub:
         from gateway.outcomes.store import JoinStore  # the database drivers load only where outcomes are kept
 
         self.metrics = metrics
+        # a join looks again for what it did not find once every other worker's and replica's
+        # writer has had its gathering pause: an outcome posted right after its answer still joins
         self.store = JoinStore(store_url(spec, base), queue_size=spec.queue_size, batch_s=spec.batch_s,
+                               settle_s=spec.batch_s + COMMIT_S,
                                on_drop=lambda a, reason: metrics.drop(a.recorder.public, reason))
 
     def recorder(self, public: str, spec: config.Outcomes) -> Recorder:

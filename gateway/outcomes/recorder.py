@@ -8,7 +8,7 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from gateway.outcomes.hub import OutcomeHub
 
 OTHER = "other"  # the segment value of anything outside a header segment's declared values
+# Join store statuses of an outcome that cannot belong to the prediction it names: answered "invalid".
+_DOES_NOT_FIT = frozenset({"bad_row", "misfit"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +130,13 @@ class Recorder:
                 return f"business outcome {name!r} = {value!r} is not {'true/false' if kind == 'rate' else 'a finite number >= 0'}"
         return None
 
+    def fits(self, item: Feedback, row: Sequence[float]) -> str | None:
+        """Why a checked outcome cannot belong to the prediction row it names (None: it can): a
+        classifier's label must be one of the row's classes (one score is a binary classifier's)."""
+        if self.spec.task == "classifier" and item.label is not None and item.label >= max(len(row), 2):
+            return f"label {item.label:g} is not a class of this prediction (it has {max(len(row), 2)})"
+        return None
+
     async def post(self, items: list[Feedback]) -> list[Status]:
         """Check each posted outcome, join the good ones in one store transaction (in a thread:
         the store may be a network away), count what joined; every item's fate in order."""
@@ -138,14 +147,14 @@ class Recorder:
             statuses.append(Status("invalid", reason) if reason else None)
             if reason is None:
                 good.append(item)
-        results = iter(await asyncio.to_thread(self.hub.store.join, good, time.time()) if good else ())
+        results = iter(await asyncio.to_thread(self.hub.store.join, good, time.time(), self.fits) if good else ())
         out = []
         for status in statuses:
             if status is None:
                 result = next(results)
                 if result.joined is not None:
                     self.hub.count(self, result.joined)
-                status = Status(result.status, result.reason)
+                status = Status("invalid" if result.status in _DOES_NOT_FIT else result.status.value, result.reason)
             self.hub.metrics.posted(self.public, status.status)
             out.append(status)
         return out

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Score = Callable[[str, Sequence[float], float], float]   # (model, predicted row, label) -> value arm_stats sums
+Fits = Callable[[Feedback, Sequence[float]], str | None]  # (outcome, predicted row) -> why it does not fit, or None
 
 TABLE = "outcome_predictions"
 TRACE_CANDIDATES = 64   # predictions of one trace id a join looks at (oldest first)
@@ -56,6 +57,7 @@ class Status(StrEnum):
     EXPIRED = "expired"       # the prediction is past its expires_at (or a tombstone)
     DUPLICATE = "duplicate"   # the prediction already has an outcome: the first one posted wins
     BAD_ROW = "bad_row"       # the row index is outside the prediction's batch
+    MISFIT = "misfit"         # the outcome does not fit the prediction's row (the join's `fits` check)
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,15 +415,17 @@ class JoinStore:
         self._wake.set()
         return barrier.wait(self.timeout_s if timeout_s is None else timeout_s)
 
-    def join(self, items: Sequence[Feedback], now: float) -> JoinReport:
+    def join(self, items: Sequence[Feedback], now: float, fits: Fits | None = None) -> JoinReport:
         """Pair each posted outcome with its prediction, found by request id when the item has one,
         else (or when that finds nothing) by trace id among the predictions made without a request
         id (of any, if the item has none), the oldest without an outcome first. Results come in
         input order; one transaction sets them all. The first outcome posted for a prediction wins:
-        later ones are `duplicate` (within one call too). Predictions this process remembered are
-        written first; for ones another process may still hold in its queue, items not found are
-        looked for once more after settle_s. ValueError: a label or business value that is not a
-        finite number; Unavailable: the database cannot be reached."""
+        later ones are `duplicate` (within one call too). fits(item, row): why an outcome cannot
+        belong to the row it names (a class the row does not have), `misfit`, joining nothing.
+        Predictions this process remembered are written first; for ones another process may still
+        hold in its queue, items not found are looked for once more after settle_s. ValueError: a
+        label or business value that is not a finite number; Unavailable: the database cannot be
+        reached."""
         for item in items:
             values = [*item.business.values(), *([] if item.label is None else [item.label])]
             try:
@@ -432,11 +436,11 @@ class JoinStore:
                 raise ValueError(f"outcome for {item.request_id or item.trace_id!r}: labels and business "
                                  "outcomes must be finite numbers")
         self.flush()
-        results = self._in_transaction(lambda conn: [self._join_one(conn, item, now) for item in items])
+        results = self._in_transaction(lambda conn: [self._join_one(conn, item, now, fits) for item in items])
         missing = [i for i, r in enumerate(results) if r.status is Status.UNKNOWN]
         if missing and self.settle_s > 0:
             time.sleep(self.settle_s)
-            again = self._in_transaction(lambda conn: [self._join_one(conn, items[i], now) for i in missing])
+            again = self._in_transaction(lambda conn: [self._join_one(conn, items[i], now, fits) for i in missing])
             for i, result in zip(missing, again):
                 results[i] = result
         return JoinReport(tuple(results))
@@ -486,7 +490,7 @@ class JoinStore:
 
     # ------------------------------------------------------------ join, on the reader connection
 
-    def _join_one(self, conn: Any, item: Feedback, now: float) -> Result:
+    def _join_one(self, conn: Any, item: Feedback, now: float, fits: Fits | None) -> Result:
         candidates = conn.execute(self._sql["by_request"], (item.model, item.request_id)).fetchall() \
             if item.request_id else []
         if not candidates and item.trace_id:
@@ -505,6 +509,9 @@ class JoinStore:
         prediction = _prediction(item.model, fresh[0])
         if not 0 <= item.row < len(prediction.rows):
             return Result(Status.BAD_ROW, f"row {item.row} is outside the prediction's {len(prediction.rows)} rows")
+        misfit = fits(item, prediction.rows[item.row]) if fits is not None else None
+        if misfit:
+            return Result(Status.MISFIT, misfit)
         business = {name: float(value) for name, value in item.business.items()}
         label = None if item.label is None else float(item.label)
         score = None if label is None else self.score(item.model, prediction.rows[item.row], label)

@@ -119,6 +119,20 @@ def test_every_status_in_input_order(stores: Callable[..., JoinStore]) -> None:
     assert kept.feedback.row == 1 and kept.feedback.label == 0.0      # the first outcome is the one kept
 
 
+def test_an_outcome_that_does_not_fit_its_row_joins_nothing(stores: Callable[..., JoinStore]) -> None:
+    store = stores()
+    store.remember(prediction(1))
+
+    def fits(item: Feedback, row: list[float]) -> str | None:
+        return None if item.label is None or item.label < len(row) else f"no class {item.label:g} in {len(row)}"
+
+    report = store.join([Feedback("clf", request_id="r1", row=1, label=2.0),
+                         Feedback("clf", request_id="r1", row=1, label=1.0)], NOW, fits)
+    assert [(r.status, r.reason) for r in report] == [(Status.MISFIT, "no class 2 in 2"), (Status.JOINED, "")]
+    [kept] = store.joined("clf")
+    assert kept.feedback.label == 1.0
+
+
 def test_join_right_after_remember(stores: Callable[..., JoinStore]) -> None:
     # the writer would wait 30 s before writing on its own: the join must flush this process's queue
     store = stores(batch_s=30.0)

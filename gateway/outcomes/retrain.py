@@ -196,8 +196,12 @@ def verify(body: bytes, headers: Mapping[str, str],
         public = public_key
         if kid is not None and kid != key_id(public):
             raise SignatureError(f"signed by key {kid}, not by key {key_id(public)}")
+    elif kid is None and len(public_key) == 1:
+        public = next(iter(public_key.values()))
+    elif kid is None:
+        raise SignatureError(f"no '{KEY_ID_HEADER}' header to choose among {len(public_key)} public keys")
     else:
-        public = public_key.get(kid or "")
+        public = public_key.get(kid)
         if public is None:
             raise SignatureError(f"signed by unknown key {kid!r}")
     try:

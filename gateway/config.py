@@ -216,6 +216,9 @@ class OutcomeStore(Strict):
                      description="sqlite:///path (relative to gateway.yaml) or postgresql://user@host:port/db")
     queue_size: int = Field(default=65536, ge=16, description="predictions waiting for the writer; beyond: dropped, counted")
     batch_s: float = Field(default=0.05, gt=0, le=5, description="how long the writer gathers a batch")
+    retention_days: float = Field(default=30.0, gt=0, description="joined records kept this long, for reports and A/B tests")
+    expired_for_days: float = Field(default=1.0, gt=0,
+                                    description="a prediction past its ttl_s is answered 'expired' this long, then 'unknown'")
 
     @field_validator("url")
     @classmethod

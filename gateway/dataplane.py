@@ -21,13 +21,15 @@ here, in this order, and nowhere else.
     shadows.offer(...)                                sampled shadows run after the answer, off this path
     return response + target.response_suffix          renamed back to the public model
 
-Posted outcomes (`feedback`) take the same access rules (action "feedback") and the route's
-outcome recorder joins them to the remembered predictions.
+Posted outcomes (`feedback`) take the same access rules (action "feedback"), the route's
+outcome recorder joins them to the remembered predictions, and each post is audited (who posted
+how many outcomes, with what fates).
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -197,7 +199,10 @@ class DataPlane:
         route = self.routes.resolve(model)
         if route.outcomes is None:
             raise FailedPrecondition(f"model '{route.public}' does not collect outcomes (its route has no 'outcomes' section)")
-        return await route.outcomes.post(items)
+        statuses = await route.outcomes.post(items)
+        if self.audit is not None:
+            self.audit.feedback(route.public, principal.name if principal else None, Counter(s.status for s in statuses))
+        return statuses
 
     def refused(self, trace: Trace, model: str, protocol: str, client: str, error: GatewayError,
                 headers: Mapping[str, str], request_id: str = "") -> None:

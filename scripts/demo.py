@@ -3,6 +3,7 @@ posted back, an error, then where to look next."""
 from __future__ import annotations
 
 import sys
+import time
 import urllib.request
 from collections import Counter
 
@@ -36,10 +37,11 @@ def main() -> int:
     print(f"gRPC  classifier x20 as x-user-id=alice (sticky) -> versions served: {sorted(sticky)}")
 
     rng = np.random.default_rng(0)
+    run = f"demo-{time.time_ns()}"  # request ids are unique per model while the store keeps them
     for i in range(40):  # answers to post outcomes for: each request names its id and a region
         tensor.set_data_from_numpy(rng.normal(size=(1, 8)).astype(np.float32))
-        g.infer("classifier", [tensor], request_id=f"demo-{i}", headers={"x-region": ("eu", "us")[i % 2]})
-    posted = [{"id": f"demo-{i}", "label": int(rng.integers(0, 3)), "business": {"converted": bool(i % 3)}}
+        g.infer("classifier", [tensor], request_id=f"{run}-{i}", headers={"x-region": ("eu", "us")[i % 2]})
+    posted = [{"id": f"{run}-{i}", "label": int(rng.integers(0, 3)), "business": {"converted": bool(i % 3)}}
               for i in range(40)] + [{"id": "never-sent", "label": 0}]
     answer = orjson.loads(urllib.request.urlopen(urllib.request.Request(
         f"http://{HTTP}/v2/models/classifier/feedback", orjson.dumps({"outcomes": posted}),

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from gateway.audit.chain import iso_from_unix, load_or_create_key
+from gateway.audit.chain import iso_from_unix, iso_now, load_or_create_key
 from gateway.audit.log import AuditLog, Observer
 from gateway.config import Audit as AuditSpec
 from gateway.errors import GatewayError, Unavailable
@@ -222,6 +222,12 @@ class Auditor:
                 headers: Mapping[str, str]) -> None:
         """Queue the record of a request refused before it could be read."""
         self._append(RefusedEntry(time.time(), trace, model, protocol, client, error, request_id, self.subject(headers)), 0)
+
+    def feedback(self, model: str, principal: str | None, statuses: Mapping[str, int]) -> None:
+        """Queue the record of one post of outcomes: who posted how many, and their fates (posted
+        outcomes move quality metrics and can roll a canary back)."""
+        self.event({"type": "feedback", "time": iso_now(), "model": model, "principal": principal,
+                    "outcomes": sum(statuses.values()), "statuses": dict(statuses)})
 
     def event(self, record: dict[str, Any]) -> None:
         """Queue the record of a gateway event (its "type" names it), e.g. a retrain signal."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ def add_card_arguments(card: argparse.ArgumentParser) -> None:
     card.add_argument("--admin", default="http://127.0.0.1:9002", help="the running gateway's admin URL")
     card.add_argument("--token", default=os.environ.get("INFERGATE_TOKEN"),
                       help="bearer token for the admin API (default: $INFERGATE_TOKEN)")
+    card.add_argument("--ca-cert", type=Path, help="CA bundle (PEM) that signed an https admin listener's certificate")
     _store_arguments(card)
     card.add_argument("--out", type=Path, help="write the Markdown here instead of printing it")
 
@@ -81,7 +83,9 @@ def card_command(args: argparse.Namespace) -> int:
         segments: str | NotAvailable = segments_markdown(args)
     except Exception as e:  # noqa: BLE001 - a missing store leaves one section empty, not the card
         segments = NotAvailable(f"the segment report could not be read: {e}")
-    manifest, live = asyncio.run(gather_live(args.admin, args.model, args.version, token=args.token, segments=segments))
+    trust = ssl.create_default_context(cafile=str(args.ca_cert)) if args.ca_cert else None
+    manifest, live = asyncio.run(gather_live(args.admin, args.model, args.version, token=args.token, segments=segments,
+                                             ssl_context=trust))
     _write(render_card(manifest, live), args.out)
     return 0
 

@@ -103,10 +103,16 @@ class OutcomeGate:
         return f"{self.test.outcome}: {decision.reason}" if decision is not None and decision.verdict == "worse" else None
 
     def hold(self, canary: Window, baseline: Window) -> str | None:
+        """A reason that changes only with the verdict (the live numbers go to `report`), so a
+        held rollout's state is written once, not at every look."""
         decision = self._decision(canary, baseline)
+        t = self.test
         if decision is None:
-            return f"{self.test.outcome}: no joined outcomes yet"
-        return None if decision.verdict == "not_worse" else f"{self.test.outcome}: {decision.reason}"
+            return f"{t.outcome}: no joined outcomes yet"
+        if decision.verdict == "not_worse":
+            return None
+        return (f"{t.outcome}: not yet shown not worse than the primary by more than {t.margin:g} "
+                f"at {t.confidence:.0%} confidence")
 
 
 Distance = Callable[[str, str, str], float | None]  # (model, canary, baseline) -> JS distance of predictions
@@ -196,10 +202,10 @@ class RolloutController:
             state = self._states().get(route.public) or RouteState()
             status = self._next(route, route.spec.rollout, state, fetched)
             if status is not None:
-                await self._update(route.public, lambda state, status=status: _with_rollout(state, status))
                 event = "started" if state.rollout is None else \
                     status.phase if status.phase in ("promoted", "rolled_back") else \
-                    "held" if status.step == state.rollout.step else "advanced"
+                    "held" if status.step == state.rollout.step else "advanced"   # before the update changes state
+                await self._update(route.public, lambda state, status=status: _with_rollout(state, status))
                 self._on_event(route.public, route.spec.rollout.target, event)
 
     def _next(self, route: Route, spec: Rollout, state: RouteState, arms: ArmsFor | None) -> RolloutStatus | None:

@@ -96,10 +96,31 @@ def issuer(tmp_path_factory: pytest.TempPathFactory) -> Issuer:
 
 
 @pytest.fixture(scope="module")
-def gw(triton, module_launcher, issuer):
-    """One gateway for most tests: its join store a SQLite file beside gateway.yaml."""
-    return module_launcher.start(triton.grpc_url, routes=ROUTES, access=ACCESS, auth=issuer.auth,
-                                 outcomes={"url": "sqlite:///outcomes.db"})
+def gw(triton, module_launcher, issuer, tmp_path_factory):
+    """One gateway for most tests: its join store a SQLite file beside gateway.yaml, its audit log on."""
+    directory = tmp_path_factory.mktemp("audit")
+    gw = module_launcher.start(triton.grpc_url, routes=ROUTES, access=ACCESS, auth=issuer.auth,
+                               outcomes={"url": "sqlite:///outcomes.db"},
+                               audit={"dir": str(directory), "fsync_interval_s": 0.2})
+    gw.audit_dir = directory
+    return gw
+
+
+def test_each_post_of_outcomes_is_audited(gw, issuer):
+    with httpclient.InferenceServerClient(gw.http_url) as client:
+        infer(client, "clf", features(1, 91), request_id="audited-1")
+    status, answer = post(gw, "clf", [{"id": "audited-1", "label": 0}, {"id": "audited-never"}], issuer.token())
+    assert status == 200 and fates(answer) == ["joined", "invalid"]
+    deadline = time.monotonic() + 10
+    while True:
+        out = subprocess.run([sys.executable, "-m", "gateway", "audit", "query", str(gw.audit_dir), "--type=feedback"],
+                             cwd=ROOT, capture_output=True, text=True, check=True, timeout=60).stdout
+        found = [json.loads(line) for line in out.splitlines() if line.strip()]
+        mine = [r for r in found if r["statuses"] == {"joined": 1, "invalid": 1}]
+        if mine or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert mine and mine[-1]["model"] == "clf" and mine[-1]["principal"] == "svc-labels" and mine[-1]["outcomes"] == 2
 
 
 def features(n: int, seed: int) -> np.ndarray:

@@ -190,7 +190,10 @@ def ab_harness(canary_rate: float, n: int) -> tuple[Harness, list]:
         assert (route.public, canary, primary) == ("m", "canary", "stable") and since == h.states["m"].rollout.since
         return Arm(n, canary_rate * n, canary_rate * n), Arm(n, 0.30 * n, 0.30 * n)
 
-    h = Harness(AB, outcomes=arms, on_test=lambda *look: looks.append(look))
+    events: list = []
+    h = Harness(AB, outcomes=arms, on_test=lambda *look: looks.append(look),
+                on_event=lambda model, target, event: events.append(event))
+    h.events = events
     return h, looks
 
 
@@ -223,10 +226,11 @@ def test_the_ab_gate_promotes_a_candidate_shown_not_worse():
 
 def test_the_ab_gate_holds_an_undecided_candidate_at_the_last_shared_step():
     h, looks = ab_harness(0.30, 60)      # too few outcomes to tell 0.30 from 0.28
-    walk(h, 4)                           # 10% -> 50%, held there: 100% would leave no primary to compare with
+    walk(h, 6)                           # 10% -> 50%, held there: 100% would leave no primary to compare with
     status = h.states["m"].rollout
-    assert status.phase == "progressing" and status.step == 1 and "converted" in status.reason
+    assert status.phase == "progressing" and status.step == 1 and "converted: not yet shown" in status.reason
     assert h.table.resolve("m").targets["canary"].weight == 50 and looks[-1][3].verdict == "undecided"
+    assert h.events == ["started", "advanced", "held"], "a hold is written once, not at every look"
 
 
 def test_admin_weights_override_the_files_blue_green_and_unknown_names_are_ignored():

@@ -262,12 +262,17 @@ class DriftHub:
         return distribution_distance(found[canary][0], found[baseline][0], outputs[0].name)
 
 
+def bound(bounds: DriftThresholds, feature: str, statistic: str) -> float | None:
+    """The bound a feature's statistic is judged by (None: not checked)."""
+    if statistic == "chi2_p":
+        return bounds.chi2_p
+    return bounds.output_js if feature.startswith("output:") else getattr(bounds, statistic, None)
+
+
 def _past(bounds: DriftThresholds, feature: str, statistic: str, value: float) -> bool:
     """Whether a statistic crossed its bound: p-values alert below, distances above."""
-    if statistic == "chi2_p":
-        return bounds.chi2_p is not None and value < bounds.chi2_p
-    bound = bounds.output_js if feature.startswith("output:") else getattr(bounds, statistic, None)
-    return bound is not None and value > bound
+    limit = bound(bounds, feature, statistic)
+    return limit is not None and (value < limit if statistic == "chi2_p" else value > limit)
 
 
 def _publish(path: Path, counts: dict[Key, Counts]) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from gateway import config
 from gateway.audit.chain import load_key
+from gateway.drift.monitor import bound
 from gateway.outcomes import quality
 from gateway.outcomes.retrain import Evidence, PersistenceTracker, RetrainEmitter, drift_evidence, quality_evidence
 
@@ -87,7 +88,7 @@ class RetrainWatch:
             if now < entry.next_at:
                 continue
             entry.next_at = now + spec.interval_s
-            for version, evidence in await self._readings(route.public, route.spec.outcomes, now):
+            for version, evidence in await self._readings(route.public, route.spec, now):
                 event = entry.tracker.observe(route.public, version, evidence)
                 if event is not None:
                     entry.emitter.emit(event)
@@ -111,13 +112,18 @@ class RetrainWatch:
         assert self.audit is not None
         self.audit({**document, "type": "retrain", "time": document["emitted_at"]})
 
-    async def _readings(self, public: str, outcomes: config.Outcomes, now: float) -> list[tuple[str, Evidence]]:
+    async def _readings(self, public: str, route: config.Route, now: float) -> list[tuple[str, Evidence]]:
         """(version, evidence) for every version with drift judged or labelled outcomes in the window."""
+        outcomes = route.outcomes
+        assert outcomes is not None and outcomes.retrain is not None
         spec = outcomes.retrain
-        assert spec is not None
         readings = []
         if spec.drift and self.alerts is not None:
-            readings += [(version, drift_evidence(crossed)) for version, crossed in self.alerts(public).items()]
+            drift = route.drift
+            for version, crossed in self.alerts(public).items():
+                limits = {f: {s: b for s in stats if (b := bound(drift.features.get(f, drift.thresholds), f, s)) is not None}
+                          for f, stats in crossed.items()} if drift is not None else None
+                readings.append((version, drift_evidence(crossed, limits)))
         q = spec.quality
         if q is not None:
             joined = await asyncio.to_thread(self.hub.store.joined, public, None, now - q.window_s)

@@ -31,10 +31,11 @@ class Clock:
         return self.t
 
 
-def route(retrain: dict, task: str = "classifier") -> SimpleNamespace:
-    """What the watch reads of a route: its public name and its outcomes section."""
+def route(retrain: dict, task: str = "classifier", drift: dict | None = None) -> SimpleNamespace:
+    """What the watch reads of a route: its public name, its outcomes and drift sections."""
     spec = config.Outcomes.model_validate({"task": task, "retrain": retrain})
-    return SimpleNamespace(public="fraud", spec=SimpleNamespace(outcomes=spec))
+    return SimpleNamespace(public="fraud", spec=SimpleNamespace(
+        outcomes=spec, drift=config.Drift.model_validate(drift) if drift else None))
 
 
 async def hook(received: list[tuple[bytes, dict[str, str]]]) -> tuple[web.AppRunner, str]:
@@ -60,7 +61,8 @@ async def test_a_persistent_drift_raises_one_signed_event_per_window(tmp_path: P
     clock, audited = Clock(), []
     alerts = {"2": {"features[3]": {"psi": 0.31}}}
     watch = RetrainWatch(SimpleNamespace(metrics=None), lambda model: alerts, tmp_path, audited.append, clock=clock)
-    r = route({"for_s": 30, "interval_s": 10, "webhook": url, "signing_key": "retrain.pem"})
+    r = route({"for_s": 30, "interval_s": 10, "webhook": url, "signing_key": "retrain.pem"},
+              drift={"profiles": ["fraud-2.profile"], "features": {"features[3]": {"psi": 0.25}}})
     try:
         for _ in range(13):              # readings at 0, 10, ..., 120 s: windows end at 30, 60, 90, 120
             await watch.check([r])
@@ -84,6 +86,7 @@ async def test_a_persistent_drift_raises_one_signed_event_per_window(tmp_path: P
     events = [verify(body, headers, public) for body, headers in received]
     assert sorted(e["id"] for e in events) == sorted(a["id"] for a in audited)
     assert all(e["evidence"]["figures"]["features"]["features[3]"]["psi"] == 0.31 for e in events)
+    assert events[0]["evidence"]["thresholds"] == {"features[3]": {"psi": 0.25}}
 
 
 async def test_quality_decay_from_the_join_store_fires(tmp_path: Path):

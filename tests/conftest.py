@@ -11,10 +11,11 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Awaitable, Callable, Iterator
 
 import pytest
 import yaml
+from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 TRITON_SCRIPT = ROOT / "scripts" / "triton-cpu.sh"
@@ -24,6 +25,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def serve_app(application: web.Application) -> tuple[web.AppRunner, str]:
+    """A real HTTP server for application on a free local port: its runner (cleanup() stops it)
+    and its base URL."""
+    runner = web.AppRunner(application)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    return runner, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def serve_hook(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> tuple[web.AppRunner, str]:
+    """A real local webhook receiver answering POST /hook with handler: its runner and URL."""
+    application = web.Application()
+    application.router.add_post("/hook", handler)
+    runner, base = await serve_app(application)
+    return runner, base + "/hook"
 
 
 def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
@@ -249,16 +269,20 @@ class Redis:
         subprocess.run([str(REDIS_SCRIPT), "stop"], env=self.env, check=False, timeout=60)
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[Redis]:
-    """A Redis of the test's own on a free port (installed from Debian's package if missing)."""
-    port = free_port()
-    server = Redis(port, dict(os.environ, REDIS_PORT=str(port), REDIS_HOME=str(tmp_path / "redis")))
+def running(server: "Redis | Postgres") -> Iterator["Redis | Postgres"]:
+    """A fixture's body for a service the test owns: started, yielded, stopped whatever happens."""
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Redis]:
+    """A Redis of the test's own on a free port (installed from Debian's package if missing)."""
+    port = free_port()
+    yield from running(Redis(port, dict(os.environ, REDIS_PORT=str(port), REDIS_HOME=str(tmp_path / "redis"))))
 
 
 POSTGRES_SCRIPT = ROOT / "scripts" / "postgres.sh"
@@ -289,9 +313,4 @@ def postgres_server(tmp_path: Path) -> Iterator[Postgres]:
     """A PostgreSQL of the test's own on a free port, its cluster under tmp_path (installed from
     Debian's package if missing), with an empty database `infergate`."""
     port = free_port()
-    server = Postgres(port, dict(os.environ, PG_PORT=str(port), PGHOME=str(tmp_path / "postgres")))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from running(Postgres(port, dict(os.environ, PG_PORT=str(port), PGHOME=str(tmp_path / "postgres"))))

@@ -5,7 +5,6 @@ every missing part says so and why."""
 from __future__ import annotations
 
 import math
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,6 @@ from types import SimpleNamespace
 import numpy as np
 import orjson
 import pytest
-from aiohttp import web
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
@@ -32,6 +30,7 @@ from gateway.registry.signing import generate_key
 from gateway.registry.store import TREE, DirectoryStore
 from gateway.routing.table import compile_routes
 from gateway.security.identity import Authenticator
+from tests.conftest import free_port, serve_app
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSIFIER = ROOT / "models" / "classifier"
@@ -168,15 +167,6 @@ class ConfigBackend:
         return SimpleNamespace(config=self.model_config)
 
 
-async def start(application: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(application)
-    await runner.setup()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await web.SockSite(runner, sock).start()
-    return runner, f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
 async def test_gather_live_reads_the_admin_api_of_a_gateway(model_config, manifest):
     routing = RoutingConfig.model_validate({
         "models": {"card-fraud": {"targets": {"stable": {"backend": "t", "model": "classifier", "version": 1, "weight": 90},
@@ -185,7 +175,7 @@ async def test_gather_live_reads_the_admin_api_of_a_gateway(model_config, manife
         "access": [{"name": "ops", "anonymous": True, "actions": ["admin"]}]})
     table = compile_routes(routing, {"t": ConfigBackend(model_config)}, {}, {})
     live_routing = SimpleNamespace(table=table, states={})   # what the admin API's GET handlers read of LiveRouting
-    runner, url = await start(admin_app(lambda: True, live_routing, Authenticator(None), lambda *_: None))
+    runner, url = await serve_app(admin_app(lambda: True, live_routing, Authenticator(None), lambda *_: None))
     try:
         found, live = await gather_live(url, "card-fraud", "2", now=TRAINED_AT + 86400)
         unsynced, _ = await gather_live(url, "card-fraud", "1")
@@ -205,10 +195,7 @@ async def test_gather_live_reads_the_admin_api_of_a_gateway(model_config, manife
 
 
 async def test_an_unreachable_gateway_still_gives_a_card_saying_why():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()  # nothing listens there
     found, live = await gather_live(f"http://127.0.0.1:{port}", "fraud", "2", timeout_s=2.0)
     parts = (found, live.traffic, live.quality, live.drift)
     assert all(isinstance(p, NotAvailable) and "cannot read http://127.0.0.1" in p.reason for p in parts)

@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import logging
 import re
-import socket
 from pathlib import Path
 
 import orjson
@@ -18,6 +17,7 @@ from gateway.audit.chain import create_key, key_id, load_public_keys
 from gateway.outcomes.retrain import (KEY_ID_HEADER, SIGNATURE_HEADER, PersistenceTracker, RetrainEmitter,
                                       SignatureError, add_retrain_arguments, drift_evidence, quality_evidence,
                                       retrain_command, sign_body, verify)
+from tests.conftest import free_port, serve_hook
 
 DRIFTING = drift_evidence({"features[3]": {"psi": 0.31}}, {"features[3]": {"psi": 0.2}}, window_requests=1000)
 CALM = drift_evidence({})
@@ -109,18 +109,6 @@ def public(tmp_path: Path, key):
     return load_public_keys([tmp_path / "retrain.pem.pub"])
 
 
-async def serve(handler) -> tuple[web.AppRunner, str]:
-    """A real HTTP server on a free local port, answering POST /hook with handler."""
-    application = web.Application()
-    application.router.add_post("/hook", handler)
-    runner = web.AppRunner(application)
-    await runner.setup()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await web.SockSite(runner, sock).start()
-    return runner, f"http://127.0.0.1:{sock.getsockname()[1]}/hook"
-
-
 def fire_one(clock: Clock) -> object:
     tracker = PersistenceTracker({"drift": 60.0}, clock)
     tracker.observe("fraud", "2", DRIFTING)
@@ -140,7 +128,7 @@ async def test_the_webhook_is_received_signed_logged_and_audited_and_a_changed_b
         arrived.set()
         return web.Response(status=204)
 
-    runner, url = await serve(hook)
+    runner, url = await serve_hook(hook)
     audited: list[dict] = []
     emitter = RetrainEmitter(url, key, audit=audited.append, clock=Clock(1_800_000_100.0))
     event = fire_one(Clock())
@@ -184,7 +172,7 @@ async def test_a_failing_webhook_is_retried_with_the_same_signed_body(key, publi
         seen.append((await request.read(), request.headers[SIGNATURE_HEADER]))
         return web.Response(status=answers[len(seen) - 1])
 
-    runner, url = await serve(hook)
+    runner, url = await serve_hook(hook)
     emitter = RetrainEmitter(url, key, attempts=4, backoff_s=0.01)
     try:
         assert await emitter.deliver("fraud", b'{"type":"infergate.retrain","id":"x"}') is True
@@ -199,10 +187,7 @@ async def test_a_failing_webhook_is_retried_with_the_same_signed_body(key, publi
 
 
 async def test_an_unreachable_webhook_is_retried_counted_and_never_raises(key, caplog):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens there
+    port = free_port()  # nothing listens there
     emitter = RetrainEmitter(f"http://127.0.0.1:{port}/hook", key, attempts=3, backoff_s=0.01, timeout_s=2.0)
     with caplog.at_level(logging.INFO, logger="gateway.outcomes.retrain"):
         emitter.emit(fire_one(Clock()))        # returns at once: the delivery runs on its own task

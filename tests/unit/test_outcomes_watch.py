@@ -5,7 +5,6 @@ never stops the watch, and a process that does not lead emits nothing."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +18,7 @@ from gateway.outcomes.records import Feedback, Prediction
 from gateway.outcomes.retrain import verify
 from gateway.outcomes.store import JoinStore
 from gateway.outcomes.watch import RetrainWatch, version_quality
+from tests.conftest import serve_hook
 
 T0 = 1_800_000_000.0
 
@@ -39,19 +39,12 @@ def route(retrain: dict, task: str = "classifier", drift: dict | None = None) ->
 
 
 async def hook(received: list[tuple[bytes, dict[str, str]]]) -> tuple[web.AppRunner, str]:
-    """A real local HTTP server that keeps every POSTed body and its headers."""
+    """A real local webhook receiver that keeps every POSTed body and its headers."""
     async def keep(request: web.Request) -> web.Response:
         received.append((await request.read(), dict(request.headers)))
         return web.Response(status=204)
 
-    application = web.Application()
-    application.router.add_post("/hook", keep)
-    runner = web.AppRunner(application)
-    await runner.setup()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    await web.SockSite(runner, sock).start()
-    return runner, f"http://127.0.0.1:{sock.getsockname()[1]}/hook"
+    return await serve_hook(keep)
 
 
 async def test_a_persistent_drift_raises_one_signed_event_per_window(tmp_path: Path):

@@ -74,6 +74,9 @@ class Recorder:
                             for name, s in spec.segments.items() if s.input is not None)
         self._inputs = frozenset(b.input for b in self._bands)
         self._decode = self.decode  # bound once: remember runs on every answer
+        # what a row keeps: a classifier's every class score; otherwise the first value, all a
+        # regressor's quality reads (a wide output would cost the store its size on every answer)
+        self._width = None if spec.task == "classifier" else 1
 
     def segment_values(self) -> dict[str, tuple[str, ...]]:
         """Every value each segment attribute can take (metric labels are bounded by these)."""
@@ -93,11 +96,13 @@ class Recorder:
 
     def decode(self, a: Answered) -> Prediction:
         """The Prediction kept for one answer (the store's writer thread calls this). The output
-        tensor becomes one row of floats per batch entry; an input segment reads batch row 0."""
+        tensor becomes one row of floats per batch entry (a classifier's scores; else its first
+        value); an input segment reads batch row 0."""
         answer = pb.ModelInferResponse.FromString(a.response)
         wanted = self.spec.output or (answer.outputs[0].name if answer.outputs else "")
         output = views(answer.outputs, answer.raw_output_contents, (wanted,)).get(wanted)
-        rows = [] if output is None else np.asarray(output, np.float64).reshape(output.shape[0] if output.ndim else 1, -1).tolist()
+        rows = [] if output is None else \
+            np.asarray(output, np.float64).reshape(output.shape[0] if output.ndim else 1, -1)[:, :self._width].tolist()
         segments = dict(a.segments)
         if self._bands:
             inputs = views(a.request.inputs, a.request.raw_input_contents, self._inputs)

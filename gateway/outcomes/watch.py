@@ -57,7 +57,7 @@ class RetrainWatch:
         self._clock = clock
         self._watched: dict[str, _Watched] = {}
 
-    async def run(self, routes: Callable[[], Iterable[Route]], tick_s: float = 1.0) -> None:
+    async def run(self, routes: Callable[[], Iterable[Route]], tick_s: float = 0.25) -> None:
         """Look every tick_s while this process leads; never dies."""
         try:
             while True:

@@ -1,13 +1,16 @@
 """Inline drift end to end: reference profiles built with `infergate drift profile` from a sample
 and the real classifier's answers, a gateway binning live traffic, alerts when two of eight
 features shift by half a standard deviation (and none without the shift), and a canary whose
-predictions depart from the primary's rolled back by the distribution gate."""
+predictions depart from the primary's rolled back by the distribution gate; a drift that persists
+raises one signed retrain event per window."""
 from __future__ import annotations
 
 import base64
+import http.server
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from datetime import datetime, timezone
@@ -18,7 +21,9 @@ import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 
+from gateway.audit.chain import create_key, load_public_keys
 from gateway.drift.state import Counts
+from gateway.outcomes.retrain import SignatureError, verify
 from tests.conftest import ROOT, metric
 
 FEATURES = 8
@@ -92,6 +97,65 @@ def test_shift_on_two_features_raises_an_alert_and_no_shift_raises_none(triton, 
     assert metric(gw, "infergate_drift_statistic", model="classifier", feature="features[0]", statistic="psi") > 0.2
     log = (gw.config_path.parent / "gateway.log").read_text()
     assert "drift alert: model classifier version 1 feature features[0]" in log
+
+
+class Hook(http.server.BaseHTTPRequestHandler):
+    """A retrain webhook receiver: keeps each POST's raw body and headers, answers 204."""
+
+    received: list[tuple[float, bytes, dict[str, str]]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Hook.received.append((time.monotonic(), body, dict(self.headers)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_persistent_drift_raises_one_signed_retrain_event_per_window(triton, start_gateway, profiles, tmp_path):
+    create_key(tmp_path / "retrain.pem")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Hook.received = []
+    for_s = 4.0
+    drift = {"profiles": [str(profiles / "classifier-1.json")], "window": {"kind": "count", "size": 200},
+             "interval_s": 0.2, "min_count": 200, "thresholds": {"psi": 0.2, "output_js": None, "chi2_p": None}}
+    retrain = {"for_s": for_s, "interval_s": 0.25, "webhook": f"http://127.0.0.1:{server.server_port}/hook",
+               "signing_key": str(tmp_path / "retrain.pem")}
+    gw = start_gateway(triton.grpc_url, outcomes={"url": "sqlite:///outcomes.db"}, routes={"classifier": {
+        "target": {"backend": "triton", "model": "classifier", "version": 1}, "drift": drift,
+        "outcomes": {"task": "classifier", "output": "probabilities", "retrain": retrain}}})
+    try:
+        shifted = np.random.default_rng(12).normal(size=(400, FEATURES)).astype(np.float32)
+        shifted[:, :2] += 1.0
+        send(gw, shifted)                          # the window of 200 holds only shifted traffic, and stays so
+        deadline = time.monotonic() + 30
+        while alerts(gw) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert alerts(gw) >= 1
+        while not Hook.received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert Hook.received, "no retrain event within 30 s of a persistent drift"
+        first = Hook.received[0][0]
+        time.sleep(for_s * 0.75)
+        assert len(Hook.received) == 1, "one event per window"
+        while len(Hook.received) < 2 and time.monotonic() < first + 3 * for_s:
+            time.sleep(0.05)
+    finally:
+        server.shutdown()
+    assert len(Hook.received) == 2 and Hook.received[1][0] - first == pytest.approx(for_s, abs=1.5)
+    public = load_public_keys([tmp_path / "retrain.pem.pub"])
+    events = [verify(body, headers, public) for _, body, headers in Hook.received]
+    assert [e["kind"] for e in events] == ["drift", "drift"] and {e["version"] for e in events} == {"1"}
+    assert events[1]["window"]["start"] == events[0]["window"]["end"], "the second window starts where the first ended"
+    assert {"features[0]", "features[1]"} <= set(events[0]["evidence"]["figures"]["features"])
+    assert events[0]["evidence"]["thresholds"]["features[0]"] == {"psi": 0.2}
+    forged = Hook.received[0][1].replace(b'"drift"', b'"quality"')
+    with pytest.raises(SignatureError):
+        verify(forged, Hook.received[0][2], public)
+    assert metric(gw, "infergate_retrain_events_total", model="classifier", version="1", kind="drift") == 2
 
 
 def test_distribution_gate_rolls_back_a_canary_whose_predictions_depart(triton, start_gateway, profiles):

@@ -555,12 +555,23 @@ class OutcomeTest(Strict):
 
 
 class RetrainQuality(Strict):
-    """Quality decay that asks for a retrain: the metric past `floor` for `for_s`."""
+    """Quality decay that asks for a retrain: the metric worse than `floor`, or worse than
+    `baseline` (e.g. the evaluation figure of the registry manifest) by more than `max_drop`."""
 
     metric: Literal["accuracy", "log_loss", "mae", "rmse"] = "accuracy"
-    floor: float
+    floor: float | None = None
+    baseline: float | None = None
+    max_drop: float | None = Field(default=None, gt=0)
     window_s: float = Field(default=3600.0, gt=0, description="the sliding window the metric is computed over")
     min_samples: int = Field(default=100, ge=1)
+
+    @model_validator(mode="after")
+    def _judged(self) -> "RetrainQuality":
+        if (self.baseline is None) != (self.max_drop is None):
+            raise ValueError("baseline and max_drop go together")
+        if self.floor is None and self.baseline is None:
+            raise ValueError("quality decay needs a floor, or a baseline and max_drop")
+        return self
 
 
 class Retrain(Strict):

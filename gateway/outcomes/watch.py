@@ -129,6 +129,7 @@ class RetrainWatch:
             joined = await asyncio.to_thread(self.hub.store.joined, public, None, now - q.window_s)
             for version, figure in version_quality(joined, outcomes.task, q.metric).items():
                 readings.append((version, quality_evidence(q.metric, figure[0], figure[1], floor=q.floor,
+                                                           baseline=q.baseline, max_drop=q.max_drop,
                                                            min_samples=q.min_samples)))
         return readings
 

@@ -104,8 +104,36 @@ async def test_quality_decay_from_the_join_store_fires(tmp_path: Path):
         store.close()
     assert len(audited) == 1 and audited[0]["kind"] == "quality"
     expected = float(np.mean(scores.argmax(axis=1) == labels))
+    assert audited[0]["evidence"]["thresholds"] == {"floor": 0.8, "min_samples": 50}
     assert audited[0]["evidence"]["figures"]["value"] == pytest.approx(expected)
     assert audited[0]["evidence"]["figures"]["n"] == 60
+
+
+async def test_quality_worse_than_its_baseline_by_more_than_max_drop_fires(tmp_path: Path):
+    clock, audited = Clock(), []
+    store = JoinStore(f"sqlite:///{tmp_path}/outcomes.db", settle_s=0)
+    rows = [[0.9, 0.1]] * 100                 # always class 0; labels: class 0 for 70 of 100 -> accuracy 0.7
+    for i, row in enumerate(rows):
+        store.remember(Prediction("fraud", f"r{i}", "", "a", "2", "weight", {}, [row], T0 - 60, T0 + 3600))
+    store.join([Feedback("fraud", f"r{i}", label=float(i >= 70)) for i in range(100)], T0)
+    watch = RetrainWatch(SimpleNamespace(metrics=None, store=store), None, tmp_path, audited.append, clock=clock)
+    quality = {"metric": "accuracy", "baseline": 0.9, "window_s": 3600, "min_samples": 50}
+    try:
+        for max_drop, fired in ((0.25, 0), (0.15, 1)):   # 0.9 - 0.7 = 0.2: within 0.25, past 0.15
+            audited.clear()
+            r = route({"for_s": 10, "interval_s": 5, "drift": False, "quality": {**quality, "max_drop": max_drop}})
+            for _ in range(3):
+                await watch.check([r])
+                clock.t += 5
+            assert len(audited) == fired
+    finally:
+        await watch.close()
+        store.close()
+    assert audited[0]["evidence"]["figures"]["drop"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="go together"):
+        config.RetrainQuality.model_validate({"baseline": 0.9})
+    with pytest.raises(ValueError, match="needs a floor"):
+        config.RetrainQuality.model_validate({"metric": "accuracy"})
 
 
 def test_version_quality_matches_numpy():

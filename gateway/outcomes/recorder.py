@@ -5,6 +5,7 @@ features), and how a posted outcome is checked against what the route declares."
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import time
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ class _Band:
     name: str
     input: str
     index: int
-    edges: np.ndarray
+    edges: tuple[float, ...]
     labels: tuple[str, ...]
 
 
@@ -70,7 +71,7 @@ class Recorder:
         self.hub = hub
         self._headers = tuple((name, s.header.lower(), frozenset(s.values))
                               for name, s in spec.segments.items() if s.header is not None)
-        self._bands = tuple(_Band(name, s.input, s.index, np.asarray(s.bins, np.float64), band_labels(s.bins))
+        self._bands = tuple(_Band(name, s.input, s.index, tuple(map(float, s.bins)), band_labels(s.bins))
                             for name, s in spec.segments.items() if s.input is not None)
         self._inputs = frozenset(b.input for b in self._bands)
         self._decode = self.decode  # bound once: remember runs on every answer
@@ -175,7 +176,7 @@ def _band(band: _Band, tensor: np.ndarray | None) -> str:
     value = float(flat[0, band.index])
     if not math.isfinite(value):
         return OTHER
-    return band.labels[int(np.searchsorted(band.edges, value, side="right"))]
+    return band.labels[bisect.bisect_right(band.edges, value)]
 
 
 def _is_hex(text: str) -> bool:

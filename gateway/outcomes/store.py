@@ -12,7 +12,6 @@ synchronously in SQL, for the caller's thread executor.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, NamedTuple, Sequence, TypeVar
 
 import numpy as np
+import orjson
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
@@ -515,7 +515,7 @@ class JoinStore:
         business = {name: float(value) for name, value in item.business.items()}
         label = None if item.label is None else float(item.label)
         score = None if label is None else self.score(item.model, prediction.rows[item.row], label)
-        cursor = conn.execute(self._sql["join"], (label, json.dumps(business), item.row, score, now,
+        cursor = conn.execute(self._sql["join"], (label, orjson.dumps(business).decode(), item.row, score, now,
                                                   now + self.retention_s, fresh[0].id))
         if cursor.rowcount != 1:   # joined by another process between the SELECT and the UPDATE
             return Result(Status.DUPLICATE, _FIRST_WINS)
@@ -636,7 +636,7 @@ class JoinStore:
             rows = rows.reshape(0, 0)
         if rows.ndim != 2:
             raise ValueError(f"rows of {p.model!r} {p.request_id or p.trace_id}: shape {rows.shape}, not [batch, values]")
-        return (p.model, p.request_id or None, p.trace_id, p.target, p.version, p.decision, json.dumps(p.segments),
+        return (p.model, p.request_id or None, p.trace_id, p.target, p.version, p.decision, orjson.dumps(p.segments).decode(),
                 rows.tobytes(), rows.shape[1], p.at, p.expires_at, p.expires_at + self.grace_s)
 
     def _sweep(self, conn: Any) -> tuple[Any, bool]:
@@ -671,12 +671,12 @@ def _prediction(model: str, row: _Row) -> Prediction:
     """The Prediction a row holds (a tombstone's rows and segments come back empty)."""
     rows = np.frombuffer(row.rows_f64, dtype=_F64).reshape(-1, row.width).tolist() if row.rows_f64 and row.width else []
     return Prediction(model, row.request_id or "", row.trace_id, row.target, row.version, row.decision,
-                      json.loads(row.segments) if row.segments else {}, rows, row.answered_at, row.expires_at)
+                      orjson.loads(row.segments) if row.segments else {}, rows, row.answered_at, row.expires_at)
 
 
 def _joined(model: str, row: _Row) -> Joined:
     """The Joined record a joined row holds; its Feedback is named by the prediction's ids."""
     assert row.joined_at is not None and row.outcome_row is not None
     feedback = Feedback(model, row.request_id or "", row.trace_id, row.outcome_row, row.label,
-                        json.loads(row.business) if row.business else {})
+                        orjson.loads(row.business) if row.business else {})
     return Joined(_prediction(model, row), feedback, row.joined_at)

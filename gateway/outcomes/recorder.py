@@ -21,6 +21,7 @@ from gateway.protocol.wire import pb
 
 if TYPE_CHECKING:
     from gateway.outcomes.hub import OutcomeHub
+    from gateway.outcomes.store import JoinReport
 
 OTHER = "other"  # the segment value of anything outside a header segment's declared values
 # Join store statuses of an outcome that cannot belong to the prediction it names: answered "invalid".
@@ -117,6 +118,8 @@ class Recorder:
         """Why a posted outcome cannot be joined as it is (None: it can)."""
         if not item.request_id and not item.trace_id:
             return "names neither a request id nor a trace id"
+        if "\x00" in item.request_id:
+            return "the request id contains a NUL character"
         if item.trace_id and (len(item.trace_id) != 32 or not _is_hex(item.trace_id)):
             return f"trace id {item.trace_id!r} is not 32 lower-case hex digits"
         if item.label is None and not item.business:
@@ -139,9 +142,19 @@ class Recorder:
     def fits(self, item: Feedback, row: Sequence[float]) -> str | None:
         """Why a checked outcome cannot belong to the prediction row it names (None: it can): a
         classifier's label must be one of the row's classes (one score is a binary classifier's)."""
+        if item.label is not None and not all(map(math.isfinite, row)):
+            return "the prediction it names is not finite (NaN or infinity): it has no quality to measure"
         if self.spec.task == "classifier" and item.label is not None and item.label >= max(len(row), 2):
             return f"label {item.label:g} is not a class of this prediction (it has {max(len(row), 2)})"
         return None
+
+    def _join(self, items: list[Feedback]) -> JoinReport:
+        """Join in one store transaction and count what joined (a thread's work: a post of
+        thousands of outcomes takes the counters seconds, which the event loop must not wait for)."""
+        report = self.hub.store.join(items, time.time(), self.fits)
+        for joined in report.joined:
+            self.hub.count(self, joined)
+        return report
 
     async def post(self, items: list[Feedback]) -> list[Status]:
         """Check each posted outcome, join the good ones in one store transaction (in a thread:
@@ -153,13 +166,11 @@ class Recorder:
             statuses.append(Status("invalid", reason) if reason else None)
             if reason is None:
                 good.append(item)
-        results = iter(await asyncio.to_thread(self.hub.store.join, good, time.time(), self.fits) if good else ())
+        results = iter(await asyncio.to_thread(self._join, good) if good else ())
         out = []
         for status in statuses:
             if status is None:
                 result = next(results)
-                if result.joined is not None:
-                    self.hub.count(self, result.joined)
                 status = Status("invalid" if result.status in _DOES_NOT_FIT else result.status.value, result.reason)
             self.hub.metrics.posted(self.public, status.status)
             out.append(status)

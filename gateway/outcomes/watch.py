@@ -88,7 +88,12 @@ class RetrainWatch:
             if now < entry.next_at:
                 continue
             entry.next_at = now + spec.interval_s
-            for version, evidence in await self._readings(route.public, route.spec, now):
+            try:
+                readings = await self._readings(route.public, route.spec, now)
+            except Exception as e:  # noqa: BLE001 - one route's unreadable evidence (the store down) skips it, not the rest
+                log.warning("retrain %s: evidence not read: %s", route.public, e)
+                continue
+            for version, evidence in readings:
                 event = entry.tracker.observe(route.public, version, evidence)
                 if event is not None:
                     entry.emitter.emit(event)

@@ -189,8 +189,14 @@ class RolloutController:
             state = self._states().get(route.public)
             if spec and outcomes and outcomes.test and state and state.rollout and state.rollout.phase == "progressing":
                 wanted.append((route, spec.target, _primary(route, spec).name, state.rollout.since))
-        found = await asyncio.gather(*(asyncio.to_thread(fetch, *w) for w in wanted))
-        return {(w[0].public, w[1], w[2]): arms for w, arms in zip(wanted, found) if arms is not None}
+        found = await asyncio.gather(*(asyncio.to_thread(fetch, *w) for w in wanted), return_exceptions=True)
+        evidence = {}
+        for w, arms in zip(wanted, found):
+            if isinstance(arms, Exception):  # the store is down: no evidence, so no A/B verdict; other gates go on
+                log.warning("rollout %s: the A/B test's outcomes cannot be read: %s", w[0].public, arms)
+            elif arms is not None:
+                evidence[(w[0].public, w[1], w[2])] = arms
+        return evidence
 
     async def tick(self) -> None:
         """One look at every rollout, with the A/B evidence of those that test outcomes."""

@@ -218,6 +218,19 @@ def test_the_ab_gate_rolls_back_a_candidate_shown_worse():
     assert looks and looks[-1][:3] == ("m", "canary", "converted") and looks[-1][3].verdict == "worse"
 
 
+def test_an_unreadable_outcome_store_leaves_the_other_gates_deciding():
+    def down(route, canary, primary, since):
+        raise OSError("the join store is down")
+
+    h = Harness(AB, outcomes=down)
+    h.tick()
+    h.feed("stable", 200)
+    h.feed("canary", 25, ok=False)
+    h.tick()
+    status = h.states["m"].rollout
+    assert status.phase == "rolled_back" and "error rate" in status.reason
+
+
 def test_the_ab_gate_promotes_a_candidate_shown_not_worse():
     h, looks = ab_harness(0.31, 20000)
     walk(h, 3)                           # 10% -> 50% -> (the test passes) 100% -> promoted

@@ -3,7 +3,7 @@ adds to the quality counters (per target and version, and per declared segment v
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from gateway import config
 from gateway.observability.metrics import OutcomeMetrics
@@ -33,25 +33,15 @@ class OutcomeHub:
         from gateway.outcomes.store import JoinStore  # the database drivers load only where outcomes are kept
 
         self.metrics = metrics
-        self._tasks: dict[str, str] = {}  # public model -> its outcomes' task, for score
         # a join looks again for what it did not find once every other worker's and replica's
         # writer has had its gathering pause: an outcome posted right after its answer still joins
         self.store = JoinStore(store_url(spec, base), queue_size=spec.queue_size, batch_s=spec.batch_s,
                                settle_s=spec.batch_s + COMMIT_S, grace_s=spec.expired_for_days * 86400.0,
-                               retention_s=spec.retention_days * 86400.0, score=self.score,
+                               retention_s=spec.retention_days * 86400.0,
                                on_drop=lambda a, reason: metrics.drop(a.recorder.public, reason))
 
     def recorder(self, public: str, spec: config.Outcomes) -> Recorder:
-        self._tasks[public] = spec.task
         return Recorder(public, spec, self)
-
-    def score(self, model: str, row: Sequence[float], label: float) -> float:
-        """What the A/B test's "label" outcome sums per joined row (the store keeps it): 1.0 when a
-        classifier's top class is the label (a one-score row is a binary classifier's P(class 1)),
-        else 0.0; a regressor's absolute error."""
-        if self._tasks.get(model) == "classifier":
-            return float(quality.classifier_increments(row, label).correct)
-        return abs(float(row[0]) - label)
 
     def count(self, recorder: Recorder, joined: Joined) -> None:
         """Add one joined outcome to the counters of its target and version, overall and per segment."""

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 
 from gateway import config
+from gateway.outcomes import quality
 from gateway.outcomes.feedback import Status
 from gateway.outcomes.records import Feedback, Prediction
 from gateway.protocol.tensors import views
@@ -80,12 +81,6 @@ class Recorder:
         # regressor's quality reads (a wide output would cost the store its size on every answer)
         self._width = None if spec.task == "classifier" else 1
 
-    def segment_values(self) -> dict[str, tuple[str, ...]]:
-        """Every value each segment attribute can take (metric labels are bounded by these)."""
-        out = {name: (*sorted(values), OTHER) for name, _, values in self._headers}
-        out.update({b.name: (*b.labels, OTHER) for b in self._bands})
-        return out
-
     def remember(self, request_id: str, trace_id: str, target: str, version: str, decision: str,
                  headers: Mapping[str, str], request: pb.ModelInferRequest, response: bytes) -> None:
         """Hand one answer to the store's queue (never blocks, never fails the answer)."""
@@ -148,10 +143,18 @@ class Recorder:
             return f"label {item.label:g} is not a class of this prediction (it has {max(len(row), 2)})"
         return None
 
+    def score(self, row: Sequence[float], label: float) -> float:
+        """What the A/B test's "label" outcome sums per joined row (the store keeps it): 1.0 when a
+        classifier's top class is the label (a one-score row is a binary classifier's P(class 1)),
+        else 0.0; a regressor's absolute error."""
+        if self.spec.task == "classifier":
+            return float(quality.classifier_increments(row, label).correct)
+        return abs(float(row[0]) - label)
+
     def _join(self, items: list[Feedback]) -> JoinReport:
         """Join in one store transaction and count what joined (a thread's work: a post of
         thousands of outcomes takes the counters seconds, which the event loop must not wait for)."""
-        report = self.hub.store.join(items, time.time(), self.fits)
+        report = self.hub.store.join(items, time.time(), self.fits, self.score)
         for joined in report.joined:
             self.hub.count(self, joined)
         return report

@@ -37,7 +37,7 @@ from gateway.outcomes.records import Feedback, Joined, Prediction
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Score = Callable[[str, Sequence[float], float], float]   # (model, predicted row, label) -> value arm_stats sums
+Score = Callable[[Sequence[float], float], float]   # (predicted row, label) -> the value arm_stats sums
 Fits = Callable[[Feedback, Sequence[float]], str | None]  # (outcome, predicted row) -> why it does not fit, or None
 
 TABLE = "outcome_predictions"
@@ -97,8 +97,8 @@ class ArmStats(NamedTuple):
     sum_sq: float
 
 
-def label_score(model: str, row: Sequence[float], label: float) -> float:
-    """The default per-row value for the "label" outcome: with several values a row (class scores)
+def label_score(row: Sequence[float], label: float) -> float:
+    """The default per-row value for the "label" outcome (`join`'s score): with several values a row (class scores)
     1.0 when the top one's index is the label, else 0.0 (its mean is accuracy); with one value the
     absolute error (its mean is the MAE)."""
     if len(row) > 1:
@@ -318,7 +318,7 @@ class JoinStore:
     def __init__(self, url: str, *, writer: bool = True, queue_size: int = 65536, batch: int = 512,
                  batch_s: float = 0.05, grace_s: float = 86400.0, retention_s: float = 30 * 86400.0,
                  settle_s: float = 0.25, sweep_interval_s: float = 5.0, sweep_batch: int = 2000,
-                 timeout_s: float = 5.0, score: Score = label_score,
+                 timeout_s: float = 5.0,
                  on_drop: Callable[[Any, str], None] | None = None, observer: Observer | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         """Connect, create the schema if missing (idempotent; processes racing take turns) and start
@@ -332,7 +332,7 @@ class JoinStore:
         for predictions it did not find (another process may not have written them yet);
         sweep_interval_s / sweep_batch: how often, and in what bounded steps, expiry runs;
         timeout_s: busy timeout (SQLite), connect timeout (PostgreSQL), a join's wait for this
-        process's writer; score: the per-row value of a label for arm_stats; on_drop(parts, reason):
+        process's writer; on_drop(parts, reason):
         a prediction is lost, reason "full" or "closed" (called in remember, on the caller's
         thread), "decode" or "write" (in the writer): quick, never raising; clock: unix time, for
         expiry."""
@@ -345,7 +345,6 @@ class JoinStore:
         self.sweep_interval_s = sweep_interval_s
         self.sweep_batch = sweep_batch
         self.timeout_s = timeout_s
-        self.score = score
         self._backend = _backend(url, timeout_s)
         self._on_drop = on_drop or _ignore
         self._observer = observer or Observer()
@@ -415,13 +414,15 @@ class JoinStore:
         self._wake.set()
         return barrier.wait(self.timeout_s if timeout_s is None else timeout_s)
 
-    def join(self, items: Sequence[Feedback], now: float, fits: Fits | None = None) -> JoinReport:
+    def join(self, items: Sequence[Feedback], now: float, fits: Fits | None = None,
+             score: Score = label_score) -> JoinReport:
         """Pair each posted outcome with its prediction, found by request id when the item has one,
         else (or when that finds nothing) by trace id among the predictions made without a request
         id (of any, if the item has none), the oldest without an outcome first. Results come in
         input order; one transaction sets them all. The first outcome posted for a prediction wins:
         later ones are `duplicate` (within one call too). fits(item, row): why an outcome cannot
-        belong to the row it names (a class the row does not have), `misfit`, joining nothing.
+        belong to the row it names (a class the row does not have), `misfit`, joining nothing;
+        score(row, label): the value kept for arm_stats' "label" outcome.
         Predictions this process remembered are written first; for ones another process may still
         hold in its queue, items not found are looked for once more after settle_s. ValueError: a
         label or business value that is not a finite number; Unavailable: the database cannot be
@@ -436,11 +437,11 @@ class JoinStore:
                 raise ValueError(f"outcome for {item.request_id or item.trace_id!r}: labels and business "
                                  "outcomes must be finite numbers")
         self.flush()
-        results = self._in_transaction(lambda conn: [self._join_one(conn, item, now, fits) for item in items])
+        results = self._in_transaction(lambda conn: [self._join_one(conn, item, now, fits, score) for item in items])
         missing = [i for i, r in enumerate(results) if r.status is Status.UNKNOWN]
         if missing and self.settle_s > 0:
             time.sleep(self.settle_s)
-            again = self._in_transaction(lambda conn: [self._join_one(conn, items[i], now, fits) for i in missing])
+            again = self._in_transaction(lambda conn: [self._join_one(conn, items[i], now, fits, score) for i in missing])
             for i, result in zip(missing, again):
                 results[i] = result
         return JoinReport(tuple(results))
@@ -461,7 +462,7 @@ class JoinStore:
 
     def arm_stats(self, model: str, target: str, outcome: str, since: float) -> ArmStats:
         """Count, sum and sum of squares of one outcome over target's predictions answered since
-        `since` that have it: "label" sums the Score of each joined row and label (by default
+        `since` that have it: "label" sums the Score the join kept for each row and label (by default
         correct 0/1 for class scores, absolute error for one value); any other name sums that
         business outcome. For a sequential A/B gate: mean and variance per arm."""
         if outcome == "label":
@@ -490,7 +491,7 @@ class JoinStore:
 
     # ------------------------------------------------------------ join, on the reader connection
 
-    def _join_one(self, conn: Any, item: Feedback, now: float, fits: Fits | None) -> Result:
+    def _join_one(self, conn: Any, item: Feedback, now: float, fits: Fits | None, score: Score) -> Result:
         candidates = conn.execute(self._sql["by_request"], (item.model, item.request_id)).fetchall() \
             if item.request_id else []
         if not candidates and item.trace_id:
@@ -514,8 +515,8 @@ class JoinStore:
             return Result(Status.MISFIT, misfit)
         business = {name: float(value) for name, value in item.business.items()}
         label = None if item.label is None else float(item.label)
-        score = None if label is None else self.score(item.model, prediction.rows[item.row], label)
-        cursor = conn.execute(self._sql["join"], (label, orjson.dumps(business).decode(), item.row, score, now,
+        value = None if label is None else score(prediction.rows[item.row], label)
+        cursor = conn.execute(self._sql["join"], (label, orjson.dumps(business).decode(), item.row, value, now,
                                                   now + self.retention_s, fresh[0].id))
         if cursor.rowcount != 1:   # joined by another process between the SELECT and the UPDATE
             return Result(Status.DUPLICATE, _FIRST_WINS)
